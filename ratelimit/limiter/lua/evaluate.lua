@@ -1,0 +1,111 @@
+-- Decide and charge every counter of one rate limit request, atomically.
+--
+-- KEYS[i]  counter i: a hash {bucket index -> hits}; all keys share one hash slot.
+-- ARGV     five values per counter, in KEYS order:
+--            limit      requests per unit (integer >= 0)
+--            bucket_ms  bucket length in milliseconds
+--            span       buckets counted, the current one included (1 = fixed window)
+--            hits       hits to charge (0 = check only; the caller caps it at limit + 1)
+--            enforce    "1" when an over-limit counter rejects the request, "0" (shadow) otherwise
+-- Returns  {admitted (0/1), now_ms, then per counter: over_limit (0/1), used, reset_ms}
+--
+-- Time is Redis's own (TIME), so every replica shares one clock. A request is admitted
+-- only when no enforcing counter is over; only then are hits added (all-or-nothing).
+-- Mirrors ratelimit/limiter/window.py, which documents the arithmetic.
+
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local count = #KEYS
+
+local specs = {}
+local buckets = {}
+local used = {}
+local over = {}
+local admitted = true
+
+for i = 1, count do
+  local base = (i - 1) * 5
+  local spec = {
+    limit = tonumber(ARGV[base + 1]),
+    bucket_ms = tonumber(ARGV[base + 2]),
+    span = tonumber(ARGV[base + 3]),
+    hits = tonumber(ARGV[base + 4]),
+    enforce = ARGV[base + 5] == '1',
+  }
+  spec.current = math.floor(now_ms / spec.bucket_ms)
+  specs[i] = spec
+
+  local first = spec.current - spec.span + 1
+  local flat = redis.call('HGETALL', KEYS[i])
+  local live = {}
+  local stale = {}
+  local sum = 0
+  for j = 1, #flat, 2 do
+    local index = tonumber(flat[j])
+    if index < first then
+      stale[#stale + 1] = flat[j]
+    else
+      local hits = tonumber(flat[j + 1])
+      live[index] = hits
+      sum = sum + hits
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', KEYS[i], unpack(stale))
+  end
+  buckets[i] = live
+  used[i] = sum
+  over[i] = sum + spec.hits > spec.limit
+  if over[i] and spec.enforce then
+    admitted = false
+  end
+end
+
+local function leaves_at(spec, index)
+  return (index + spec.span) * spec.bucket_ms
+end
+
+local function reset_ms(spec, live, total, is_over)
+  local reference = now_ms
+  if spec.span == 1 then
+    -- envoyproxy/ratelimit computes a fixed window's reset from whole seconds.
+    reference = now_ms - now_ms % 1000
+  end
+  local ordered = {}
+  for index, hits in pairs(live) do
+    if hits > 0 then
+      ordered[#ordered + 1] = index
+    end
+  end
+  if #ordered == 0 then
+    return leaves_at(spec, spec.current) - reference
+  end
+  table.sort(ordered)
+  if not is_over then
+    return leaves_at(spec, ordered[1]) - reference
+  end
+  local running = total
+  for _, index in ipairs(ordered) do
+    running = running - live[index]
+    if running + spec.hits <= spec.limit then
+      return leaves_at(spec, index) - reference
+    end
+  end
+  return leaves_at(spec, math.max(ordered[#ordered], spec.current)) - reference
+end
+
+local reply = {admitted and 1 or 0, now_ms}
+for i = 1, count do
+  local spec = specs[i]
+  if admitted and spec.hits > 0 then
+    redis.call('HINCRBY', KEYS[i], spec.current, spec.hits)
+    -- Every bucket has left the window once the current one has: expire then.
+    redis.call('PEXPIREAT', KEYS[i], leaves_at(spec, spec.current))
+    buckets[i][spec.current] = (buckets[i][spec.current] or 0) + spec.hits
+    used[i] = used[i] + spec.hits
+  end
+  reply[#reply + 1] = over[i] and 1 or 0
+  reply[#reply + 1] = used[i]
+  reply[#reply + 1] = reset_ms(spec, buckets[i], used[i], over[i])
+end
+return reply

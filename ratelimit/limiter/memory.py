@@ -1,0 +1,83 @@
+"""An in-process counter store with the same semantics as the Redis backend.
+
+For unit tests and single-replica development (`--backend memory`); counters are not
+shared between processes. The clock is injectable so tests can place hits exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+from ratelimit.limiter import window
+from ratelimit.limiter.types import Backend, CounterRequest, CounterResult, Decision
+
+SWEEP_INTERVAL_MS = 1000
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MemoryBackend(Backend):
+    def __init__(self, clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+        self._clock_ms = clock_ms
+        self._counters: dict[str, dict[int, int]] = {}
+        self._expiry_ms: dict[str, int] = {}
+        self._next_sweep_ms = 0
+
+    async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
+        return self.evaluate_now(requests)
+
+    def evaluate_now(self, requests: Sequence[CounterRequest]) -> Decision:
+        """Synchronous core: no await in between, so a decision is atomic."""
+        now_ms = self._clock_ms()
+        self._sweep_expired(now_ms)
+        counters = [self._live_counter(request.key, now_ms) for request in requests]
+        checks = []
+        for request, buckets in zip(requests, counters):
+            window.prune(buckets, request.window, now_ms)
+            checks.append(window.check(buckets, request.limit, request.hits))
+        admitted = not any(c.over_limit and r.enforce for r, c in zip(requests, checks))
+        results = []
+        for request, buckets, counter_check in zip(requests, counters, checks):
+            used = counter_check.used
+            if admitted and request.hits > 0:
+                bucket = request.window.current_bucket(now_ms)
+                buckets[bucket] = buckets.get(bucket, 0) + request.hits
+                used += request.hits
+                self._expiry_ms[request.key] = request.window.leaves_window_at_ms(bucket)
+            reset = window.reset_ms(
+                buckets, request.window, now_ms, request.limit, request.hits, counter_check.over_limit
+            )
+            results.append(CounterResult(over_limit=counter_check.over_limit, used=used, reset_ms=reset))
+            if not buckets:
+                self._forget(request.key)
+        return Decision(admitted=admitted, now_ms=now_ms, results=tuple(results))
+
+    def _live_counter(self, key: str, now_ms: int) -> dict[int, int]:
+        if self._expiry_ms.get(key, now_ms + 1) <= now_ms:
+            self._forget(key)
+        return self._counters.setdefault(key, {})
+
+    def _sweep_expired(self, now_ms: int) -> None:
+        # Like Redis TTLs: idle counters go away; swept at most once a second.
+        if now_ms < self._next_sweep_ms:
+            return
+        self._next_sweep_ms = now_ms + SWEEP_INTERVAL_MS
+        for key in [key for key, expiry in self._expiry_ms.items() if expiry <= now_ms]:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._counters.pop(key, None)
+        self._expiry_ms.pop(key, None)
+
+    def counter_count(self) -> int:
+        """How many counters are held (tests check that idle ones are dropped)."""
+        return len(self._counters)
+
+    def raw_buckets(self, key: str) -> dict[int, int]:
+        return dict(self._counters.get(key, {}))
+
+    async def ping(self) -> None:
+        return None

@@ -1,0 +1,80 @@
+"""The limiter's contract: what a backend is asked, what it answers, how it fails.
+
+A backend evaluates all counters of one request atomically: either every enforcing
+counter has room and all of them are charged, or none is charged (all-or-nothing).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Sequence
+
+from ratelimit.limiter.window import WindowSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRequest:
+    """One descriptor's share of a request.
+
+    `hits` may be 0 (check only). `enforce` is False for shadow-mode rules: they are
+    evaluated and charged like any other, but never cause the request to be rejected.
+    """
+
+    key: str
+    limit: int
+    window: WindowSpec
+    hits: int
+    enforce: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class CounterResult:
+    """The state of one counter after the decision.
+
+    `used` counts the hits in the current window, including this request's hits when
+    the request was admitted. `reset_ms` is the promise of the status: for an over-limit
+    counter, the wait after which the same request fits again if nobody else consumes
+    room; otherwise the wait until the oldest counted hit leaves the window.
+    """
+
+    over_limit: bool
+    used: int
+    reset_ms: int
+
+    def remaining(self, limit: int) -> int:
+        return max(0, limit - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    admitted: bool
+    now_ms: int  # the store's clock at the decision (Redis TIME for the Redis backend)
+    results: tuple[CounterResult, ...]
+
+
+class BackendError(Exception):
+    """A store failure, translated once at the backend's edge.
+
+    `kind` is a short, bounded label ("timeout", "connection", "script", "other") used
+    by the failure mode and by metrics.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Backend(abc.ABC):
+    """A counter store with sliding- and fixed-window semantics."""
+
+    @abc.abstractmethod
+    async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
+        """Decide and charge all counters of one request atomically."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise BackendError when the store cannot answer."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

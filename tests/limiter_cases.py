@@ -1,0 +1,39 @@
+"""Helpers for the limiter tests: build requests, check the sliding-window promise."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Sequence
+
+from ratelimit.config.model import Algorithm, Unit
+from ratelimit.limiter import CounterRequest, WindowSpec
+from ratelimit.limiter.keys import counter_key
+
+
+def counter(
+    name: str,
+    limit: int,
+    *,
+    hits: int = 1,
+    unit: Unit = Unit.MINUTE,
+    algorithm: Algorithm = Algorithm.SLIDING_WINDOW,
+    enforce: bool = True,
+    domain: str = "tests",
+) -> CounterRequest:
+    return CounterRequest(
+        key=counter_key("rl:", domain, (("name", name),), unit, algorithm),
+        limit=limit,
+        window=WindowSpec.for_rule(algorithm, unit.seconds),
+        hits=hits,
+        enforce=enforce,
+    )
+
+
+def max_hits_in_any_window(times_ms: Sequence[int], window_ms: int) -> int:
+    """The most admissions in any closed interval [t, t + window_ms]."""
+    ordered = sorted(times_ms)
+    best = 0
+    for i, start in enumerate(ordered):
+        end = bisect.bisect_right(ordered, start + window_ms)
+        best = max(best, end - i)
+    return best

@@ -1,0 +1,235 @@
+"""Behaviour of the limiter, the same cases on the in-memory twin and on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, TypeVar
+
+import pytest
+import redis
+
+from ratelimit.config.model import Algorithm, Unit
+from ratelimit.limiter import Backend
+from ratelimit.limiter.memory import MemoryBackend
+from ratelimit.limiter.redis_backend import RedisBackend
+from tests.limiter_cases import counter, max_hits_in_any_window
+
+T = TypeVar("T")
+BackendFactory = Callable[[], Backend]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_backend(request: pytest.FixtureRequest) -> BackendFactory:
+    if request.param == "memory":
+        return MemoryBackend
+    url = request.getfixturevalue("redis_url")
+    return lambda: RedisBackend(url, timeout_s=1.0)
+
+
+def run(make_backend: BackendFactory, scenario: Callable[[Backend], Awaitable[T]]) -> T:
+    async def main() -> T:
+        backend = make_backend()
+        try:
+            return await scenario(backend)
+        finally:
+            await backend.close()
+
+    return asyncio.run(main())
+
+
+def test_admits_exactly_the_limit_then_rejects(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        remaining = []
+        for _ in range(3):
+            decision = await backend.evaluate([counter("a", 3)])
+            assert decision.admitted
+            remaining.append(decision.results[0].remaining(3))
+        assert remaining == [2, 1, 0]
+        rejected = await backend.evaluate([counter("a", 3)])
+        assert not rejected.admitted
+        assert rejected.results[0].over_limit
+        assert rejected.results[0].used == 3
+        assert 0 < rejected.results[0].reset_ms <= 60_000 + 60_000 // 40
+
+    run(make_backend, scenario)
+
+
+def test_rejected_request_consumes_no_budget_of_any_descriptor(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        roomy, tight = counter("roomy", 5), counter("tight", 1)
+        assert (await backend.evaluate([roomy, tight])).admitted
+        rejected = await backend.evaluate([roomy, tight])
+        assert not rejected.admitted
+        assert [r.over_limit for r in rejected.results] == [False, True]
+        alone = await backend.evaluate([counter("roomy", 5, hits=0)])
+        assert alone.results[0].used == 1  # the rejected request charged nothing
+
+    run(make_backend, scenario)
+
+
+def test_multi_hit_request_over_the_room_is_rejected_and_charges_nothing(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        assert (await backend.evaluate([counter("m", 5, hits=3)])).admitted
+        rejected = await backend.evaluate([counter("m", 5, hits=3)])
+        assert not rejected.admitted and rejected.results[0].used == 3
+        assert (await backend.evaluate([counter("m", 5, hits=2)])).admitted
+
+    run(make_backend, scenario)
+
+
+def test_zero_hits_checks_without_charging(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        for _ in range(3):
+            decision = await backend.evaluate([counter("z", 1, hits=0)])
+            assert decision.admitted and decision.results[0].used == 0
+        assert (await backend.evaluate([counter("z", 1)])).admitted
+        check = await backend.evaluate([counter("z", 1, hits=0)])
+        assert check.admitted and check.results[0].remaining(1) == 0
+
+    run(make_backend, scenario)
+
+
+def test_shadow_counter_over_limit_does_not_reject_but_is_charged(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        for expected_used in (1, 2, 3):
+            decision = await backend.evaluate([counter("s", 1, enforce=False)])
+            assert decision.admitted
+            assert decision.results[0].used == expected_used
+        assert decision.results[0].over_limit
+
+    run(make_backend, scenario)
+
+
+def test_zero_limit_rejects_every_hit(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        decision = await backend.evaluate([counter("zero", 0)])
+        assert not decision.admitted and decision.results[0].over_limit
+
+    run(make_backend, scenario)
+
+
+@pytest.mark.parametrize("algorithm", list(Algorithm))
+def test_waiting_duration_until_reset_lets_the_same_request_in(
+    make_backend: BackendFactory, algorithm: Algorithm
+) -> None:
+    async def scenario(backend: Backend) -> None:
+        request = counter("promise", 2, unit=Unit.SECOND, algorithm=algorithm)
+        for _ in range(2):
+            assert (await backend.evaluate([request])).admitted
+        for _attempt in range(3):
+            rejected = await backend.evaluate([request])
+            if rejected.admitted:  # a window edge passed between calls; fill again
+                continue
+            assert 0 < rejected.results[0].reset_ms <= 1000 + 25
+            await asyncio.sleep(rejected.results[0].reset_ms / 1000)
+            retried = await backend.evaluate([request])
+            assert retried.admitted, f"not admitted {rejected.results[0].reset_ms} ms later"
+            return
+        pytest.fail("never saw an over-limit answer")
+
+    run(make_backend, scenario)
+
+
+def test_fixed_window_reset_is_seconds_to_the_epoch_aligned_window_end(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        decision = await backend.evaluate([counter("fixed", 10, algorithm=Algorithm.FIXED_WINDOW)])
+        now_s = decision.now_ms // 1000
+        assert decision.results[0].reset_ms == (60 - now_s % 60) * 1000
+        assert decision.results[0].remaining(10) == 9
+
+    run(make_backend, scenario)
+
+
+def test_boundary_bursts_from_concurrent_clients_never_exceed_the_limit(make_backend: BackendFactory) -> None:
+    """Bursts fired right before and after bucket edges, from several clients at once."""
+    limit, window_ms = 20, 1000
+    admitted_at: list[int] = []
+
+    async def client(backend: Backend, burst: int) -> None:
+        for _ in range(burst):
+            decision = await backend.evaluate([counter("edge", limit, unit=Unit.SECOND)])
+            if decision.admitted:
+                admitted_at.append(decision.now_ms)
+
+    async def scenario(backend: Backend) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3.2
+        while loop.time() < deadline:
+            # Aim at the 2 ms before a 25 ms bucket edge, then at the edge itself.
+            now_ms = loop.time() * 1000
+            await asyncio.sleep(((25 - now_ms % 25) - 2) % 25 / 1000)
+            await asyncio.gather(*(client(backend, 6) for _ in range(4)))
+
+    run(make_backend, scenario)
+    assert len(admitted_at) >= limit
+    assert max_hits_in_any_window(admitted_at, window_ms) <= limit
+
+
+def test_steady_over_limit_load_gets_at_least_95_percent_of_the_limit(make_backend: BackendFactory) -> None:
+    limit, offered_per_s, seconds = 100, 400, 4.0
+    admitted_at: list[int] = []
+
+    async def scenario(backend: Backend) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        while (elapsed := loop.time() - start) < seconds:
+            due = int(elapsed * offered_per_s)
+            while sent < due:
+                sent += 1
+                decision = await backend.evaluate([counter("steady", limit, unit=Unit.SECOND)])
+                if decision.admitted:
+                    admitted_at.append(decision.now_ms)
+            await asyncio.sleep(0.001)
+
+    run(make_backend, scenario)
+    first = min(admitted_at)
+    # Steady state: skip the first second (the initial burst fills the window).
+    steady = [t for t in admitted_at if t >= first + 1000]
+    span_s = (max(steady) - min(steady)) / 1000
+    assert max_hits_in_any_window(admitted_at, 1000) <= limit
+    assert len(steady) / span_s >= 0.95 * limit, f"{len(steady)} admitted in {span_s:.2f} s"
+
+
+def test_counter_memory_is_bounded_whatever_the_limit(redis_url: str) -> None:
+    async def scenario(backend: Backend) -> None:
+        request = counter("big", 1_000_000, unit=Unit.SECOND)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.5
+        while loop.time() < end:
+            await backend.evaluate([request])
+        client = redis.Redis.from_url(redis_url)
+        assert client.hlen(request.key) <= request.window.span
+        assert 0 < client.pttl(request.key) <= 1000 + 25
+        client.close()
+
+    run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+
+
+def test_every_key_written_has_a_ttl(redis_url: str) -> None:
+    async def scenario(backend: Backend) -> None:
+        for unit in (Unit.SECOND, Unit.HOUR, Unit.YEAR):
+            for algorithm in Algorithm:
+                await backend.evaluate([counter(f"ttl-{unit.name}", 5, unit=unit, algorithm=algorithm)])
+
+    run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    client = redis.Redis.from_url(redis_url)
+    keys = client.keys("*")
+    assert len(keys) == 6
+    assert all(client.pttl(key) > 0 for key in keys)
+    client.close()
+
+
+def test_an_unreachable_redis_fails_fast_with_a_backend_error() -> None:
+    from ratelimit.limiter import BackendError
+    from tests.support.processes import free_port
+
+    async def scenario(backend: Backend) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(BackendError) as caught:
+            await backend.evaluate([counter("down", 1)])
+        assert caught.value.kind in {"connection", "timeout"}
+        assert loop.time() - start < 0.5
+
+    run(lambda: RedisBackend(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05), scenario)
