@@ -6,7 +6,7 @@ import bisect
 from typing import Sequence
 
 from ratelimit.config.model import Algorithm, Unit
-from ratelimit.limiter import CounterRequest, WindowSpec
+from ratelimit.limiter import CounterRequest, Role, WindowSpec
 from ratelimit.limiter.keys import counter_key
 
 
@@ -17,7 +17,7 @@ def counter(
     hits: int = 1,
     unit: Unit = Unit.MINUTE,
     algorithm: Algorithm = Algorithm.SLIDING_WINDOW,
-    enforce: bool = True,
+    role: Role = Role.ENFORCE,
     domain: str = "tests",
 ) -> CounterRequest:
     return CounterRequest(
@@ -25,7 +25,7 @@ def counter(
         limit=limit,
         window=WindowSpec.for_rule(algorithm, unit.seconds),
         hits=hits,
-        enforce=enforce,
+        role=role,
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from ratelimit.config.model import Algorithm, Unit
-from ratelimit.limiter import Backend
+from ratelimit.limiter import Backend, Role
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
 from tests.limiter_cases import counter, max_hits_in_any_window
@@ -92,7 +92,7 @@ def test_zero_hits_checks_without_charging(make_backend: BackendFactory) -> None
 def test_shadow_counter_over_limit_does_not_reject_but_is_charged(make_backend: BackendFactory) -> None:
     async def scenario(backend: Backend) -> None:
         for expected_used in (1, 2, 3):
-            decision = await backend.evaluate([counter("s", 1, enforce=False)])
+            decision = await backend.evaluate([counter("s", 1, role=Role.SHADOW)])
             assert decision.admitted
             assert decision.results[0].used == expected_used
         assert decision.results[0].over_limit

@@ -126,9 +126,7 @@ def test_envoy_request_and_response_parse_with_ours() -> None:
 
 def test_our_request_and_response_parse_with_envoy() -> None:
     req, resp = helper.build_request(rls_pb2), helper.build_response(rls_pb2)
-    parsed = run_helper(
-        "parse", {"request": helper.encode(req), "response": helper.encode(resp)}
-    )
+    parsed = run_helper("parse", {"request": helper.encode(req), "response": helper.encode(resp)})
 
     assert parsed["unknown_fields"] == [False, False]
     assert parsed["request_dict"] == helper.to_dict(req)

@@ -101,9 +101,7 @@ def build_response(rls_pb2: ModuleType) -> Message:
     resp.response_headers_to_add.add(key="x-ratelimit-limit", value="1000")
     resp.response_headers_to_add.add(key="x-raw", raw_value=b"\xfe\x00binary")
     resp.request_headers_to_add.add(key="x-rl-checked", value="true")
-    resp.dynamic_metadata.update(
-        {"ratelimit": {"hits": 3.0, "over": True, "tags": ["a", "b"], "none": None}}
-    )
+    resp.dynamic_metadata.update({"ratelimit": {"hits": 3.0, "over": True, "tags": ["a", "b"], "none": None}})
     resp.quota.requests = 11
     resp.quota.id = "overall"
     return resp
@@ -127,9 +125,7 @@ def has_unknown_fields(msg: Message) -> bool:
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(
-        msg, preserving_proto_field_name=True
-    )
+    result: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
     return result
 
 
@@ -201,9 +197,7 @@ def cmd_describe(_: dict[str, Any]) -> dict[str, Any]:
     _envoy("service.ratelimit.v3.rls_pb2")
     _envoy("type.v3.token_bucket_pb2")
     pool = descriptor_pool.Default()
-    return {
-        name: describe_file(pool.FindFileByName(name)) for name in ENVOY_PROTO_FILES
-    }
+    return {name: describe_file(pool.FindFileByName(name)) for name in ENVOY_PROTO_FILES}
 
 
 def cmd_build(_: dict[str, Any]) -> dict[str, Any]:
@@ -230,18 +224,12 @@ def cmd_parse(payload: dict[str, Any]) -> dict[str, Any]:
         "response_dict": to_dict(resp),
         # Spot checks read through Envoy's own accessors, not via dicts.
         "checks": {
-            "descriptor_hits_addend_set": [
-                d.HasField("hits_addend") for d in req.descriptors
-            ],
+            "descriptor_hits_addend_set": [d.HasField("hits_addend") for d in req.descriptors],
             "descriptor_hits_addend": [d.hits_addend.value for d in req.descriptors],
             "override_unit": [d.limit.unit for d in req.descriptors],
             "status_units": [s.current_limit.unit for s in resp.statuses],
-            "week_name": rls_pb2.RateLimitResponse.RateLimit.Unit.Name(
-                resp.statuses[0].current_limit.unit
-            ),
-            "raw_header": base64.b64encode(
-                resp.response_headers_to_add[1].raw_value
-            ).decode(),
+            "week_name": rls_pb2.RateLimitResponse.RateLimit.Unit.Name(resp.statuses[0].current_limit.unit),
+            "raw_header": base64.b64encode(resp.response_headers_to_add[1].raw_value).decode(),
             "quota_oneof": resp.statuses[0].quota.WhichOneof("expiration_specifier"),
         },
     }

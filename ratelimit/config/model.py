@@ -43,7 +43,7 @@ UNIT_SECONDS: Mapping[Unit, int] = MappingProxyType(
 )
 
 
-class Algorithm(str, enum.Enum):
+class Algorithm(enum.StrEnum):
     """`rate_limit.algorithm`: this project's additive config key."""
 
     SLIDING_WINDOW = "sliding_window"

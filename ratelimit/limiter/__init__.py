@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ratelimit.limiter.types import Backend, BackendError, CounterRequest, CounterResult, Decision
+from ratelimit.limiter.types import Backend, BackendError, CounterRequest, CounterResult, Decision, Role
 from ratelimit.limiter.window import WindowSpec
 
-__all__ = ["Backend", "BackendError", "CounterRequest", "CounterResult", "Decision", "WindowSpec"]
+__all__ = ["Backend", "BackendError", "CounterRequest", "CounterResult", "Decision", "Role", "WindowSpec"]

@@ -10,7 +10,7 @@ import time
 from typing import Callable, Sequence
 
 from ratelimit.limiter import window
-from ratelimit.limiter.types import Backend, CounterRequest, CounterResult, Decision
+from ratelimit.limiter.types import Backend, CounterRequest, CounterResult, Decision, admits
 
 SWEEP_INTERVAL_MS = 1000
 
@@ -38,7 +38,7 @@ class MemoryBackend(Backend):
         for request, buckets in zip(requests, counters):
             window.prune(buckets, request.window, now_ms)
             checks.append(window.check(buckets, request.limit, request.hits))
-        admitted = not any(c.over_limit and r.enforce for r, c in zip(requests, checks))
+        admitted = admits([r.role for r in requests], [c.over_limit for c in checks])
         results = []
         for request, buckets, counter_check in zip(requests, counters, checks):
             used = counter_check.used

@@ -44,7 +44,7 @@ class RedisBackend(Backend):
                 request.window.bucket_ms,
                 request.window.span,
                 request.hits,
-                1 if request.enforce else 0,
+                int(request.role),
             )
         reply = await self._guarded(self._run_script(keys, args))
         return _decision_from_reply(reply, len(requests))
@@ -62,7 +62,7 @@ class RedisBackend(Backend):
     async def _guarded(self, call: Any) -> Any:
         try:
             return await asyncio.wait_for(call, self._timeout_s)
-        except (asyncio.TimeoutError, redis_errors.TimeoutError) as exc:
+        except (TimeoutError, redis_errors.TimeoutError) as exc:
             raise BackendError("timeout", f"redis did not answer within {self._timeout_s * 1000:g} ms") from exc
         except redis_errors.ConnectionError as exc:
             raise BackendError("connection", f"redis connection failed: {exc}") from exc

@@ -7,25 +7,44 @@ counter has room and all of them are charged, or none is charged (all-or-nothing
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass
 from typing import Sequence
 
 from ratelimit.limiter.window import WindowSpec
 
 
+class Role(enum.IntEnum):
+    """How an over-limit counter affects admission (the number is what the script sees).
+
+    - ENFORCE: rejects the request.
+    - SHADOW: never rejects (shadow_mode rules); charged like the others when admitted.
+    - QUOTA: a soft limit (quota_mode rules): rejects only when the request has quota
+      counters and every one of them is over, as envoyproxy/ratelimit.
+    """
+
+    SHADOW = 0
+    ENFORCE = 1
+    QUOTA = 2
+
+
+def admits(roles: Sequence[Role], over_limit: Sequence[bool]) -> bool:
+    """The admission rule; `lua/evaluate.lua` implements the same."""
+    quota = [over for role, over in zip(roles, over_limit) if role is Role.QUOTA]
+    if quota and all(quota):
+        return False
+    return not any(over for role, over in zip(roles, over_limit) if role is Role.ENFORCE)
+
+
 @dataclass(frozen=True, slots=True)
 class CounterRequest:
-    """One descriptor's share of a request.
-
-    `hits` may be 0 (check only). `enforce` is False for shadow-mode rules: they are
-    evaluated and charged like any other, but never cause the request to be rejected.
-    """
+    """One descriptor's share of a request; `hits` may be 0 (check only)."""
 
     key: str
     limit: int
     window: WindowSpec
     hits: int
-    enforce: bool = True
+    role: Role = Role.ENFORCE
 
 
 @dataclass(frozen=True, slots=True)

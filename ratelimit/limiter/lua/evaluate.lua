@@ -6,11 +6,13 @@
 --            bucket_ms  bucket length in milliseconds
 --            span       buckets counted, the current one included (1 = fixed window)
 --            hits       hits to charge (0 = check only; the caller caps it at limit + 1)
---            enforce    "1" when an over-limit counter rejects the request, "0" (shadow) otherwise
+--            role       1 enforce: over rejects the request; 0 shadow: never rejects;
+--                       2 quota: rejects only when every quota counter of the request is over
 -- Returns  {admitted (0/1), now_ms, then per counter: over_limit (0/1), used, reset_ms}
 --
 -- Time is Redis's own (TIME), so every replica shares one clock. A request is admitted
--- only when no enforcing counter is over; only then are hits added (all-or-nothing).
+-- only when no enforcing counter is over and not all of its quota counters are over;
+-- only then are hits added (all-or-nothing).
 -- Mirrors ratelimit/limiter/window.py, which documents the arithmetic.
 
 local time = redis.call('TIME')
@@ -22,6 +24,8 @@ local buckets = {}
 local used = {}
 local over = {}
 local admitted = true
+local quota_counters = 0
+local quota_over = 0
 
 for i = 1, count do
   local base = (i - 1) * 5
@@ -30,7 +34,7 @@ for i = 1, count do
     bucket_ms = tonumber(ARGV[base + 2]),
     span = tonumber(ARGV[base + 3]),
     hits = tonumber(ARGV[base + 4]),
-    enforce = ARGV[base + 5] == '1',
+    role = tonumber(ARGV[base + 5]),
   }
   spec.current = math.floor(now_ms / spec.bucket_ms)
   specs[i] = spec
@@ -56,9 +60,17 @@ for i = 1, count do
   buckets[i] = live
   used[i] = sum
   over[i] = sum + spec.hits > spec.limit
-  if over[i] and spec.enforce then
+  if over[i] and spec.role == 1 then
     admitted = false
+  elseif spec.role == 2 then
+    quota_counters = quota_counters + 1
+    if over[i] then
+      quota_over = quota_over + 1
+    end
   end
+end
+if quota_counters > 0 and quota_over == quota_counters then
+  admitted = false
 end
 
 local function leaves_at(spec, index)

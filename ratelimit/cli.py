@@ -1,0 +1,118 @@
+"""The `ratelimit` command: serve, validate-config, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Sequence
+
+import grpc
+
+from ratelimit import __version__
+from ratelimit.config import ConfigError, validate_paths
+from ratelimit.settings import Settings, add_serve_arguments, settings_from_args
+
+
+def _parse_descriptor(text: str) -> list[tuple[str, str]]:
+    entries = []
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"descriptor entries are key=value, got {part!r}")
+        entries.append((key, value))
+    return entries
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ratelimit", description="Envoy rate limit service (RLS v3) over Redis.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run one replica")
+    add_serve_arguments(serve, os.environ)
+
+    validate = commands.add_parser("validate-config", help="check limits config files; exit 1 on errors")
+    validate.add_argument("paths", nargs="+", help="YAML files or directories")
+    validate.add_argument("--merge-domains", action="store_true", help="allow several files per domain")
+
+    check = commands.add_parser("check", help="ask a running service, print each descriptor's status")
+    check.add_argument("--target", default="127.0.0.1:8081", help="host:port of the gRPC service")
+    check.add_argument("--domain", required=True)
+    check.add_argument(
+        "--descriptor",
+        action="append",
+        required=True,
+        type=_parse_descriptor,
+        help="k=v[,k=v...] (repeatable: one per descriptor)",
+    )
+    check.add_argument("--hits", type=int, default=0, help="hits_addend (0 means 1)")
+    check.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    return parser
+
+
+def run_serve(settings: Settings) -> int:
+    from ratelimit.app import Replica
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> None:
+        replica = Replica(settings)
+        await replica.run()
+
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:
+        print(f"ratelimit: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ratelimit: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_validate(paths: Sequence[str], merge_domains: bool) -> int:
+    errors = validate_paths(paths, merge_domains=merge_domains)
+    for error in errors:
+        print(error, file=sys.stderr)
+    if not errors:
+        print(f"ok: {', '.join(paths)}")
+    return 1 if errors else 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from ratelimit.client import RateLimitClient
+
+    with RateLimitClient(args.target, timeout_s=args.timeout) as client:
+        try:
+            result = client.should_rate_limit(args.domain, args.descriptor, hits_addend=args.hits)
+        except grpc.RpcError as exc:
+            print(f"ratelimit check: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    rows = [("descriptor", "code", "limit", "remaining", "reset_s")]
+    for descriptor, status in zip(args.descriptor, result.statuses):
+        limit = f"{status.requests_per_unit}/{status.unit}" if status.unit else "-"
+        reset = f"{status.duration_until_reset_s:g}" if status.duration_until_reset_s is not None else "-"
+        rows.append(
+            (",".join(f"{k}={v}" for k, v in descriptor), status.code, limit, str(status.limit_remaining), reset)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(f"overall: {result.overall_code}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return run_serve(settings_from_args(args))
+    if args.command == "validate-config":
+        return run_validate(args.paths, args.merge_domains)
+    return run_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""gRPC wiring: the RLS servicer, reflection, health, graceful shutdown.
+
+The servicer only translates protobuf to the service's plain types and back, and maps
+the service's exceptions to gRPC status codes; it never lets a traceback reach a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from ratelimit.generated.envoy.config.core.v3 import base_pb2
+from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from ratelimit.metrics import Metrics
+from ratelimit.service import (
+    BackendUnavailable,
+    DescriptorRequest,
+    DescriptorStatus,
+    InvalidRequest,
+    RateLimitDecision,
+    RateLimitService,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+# Requests larger than this are refused with RESOURCE_EXHAUSTED before parsing.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def descriptors_from_proto(request: rls_pb2.RateLimitRequest) -> list[DescriptorRequest]:
+    descriptors = []
+    for descriptor in request.descriptors:
+        override = None
+        if descriptor.HasField("limit"):
+            override = (descriptor.limit.requests_per_unit, int(descriptor.limit.unit))
+        descriptors.append(
+            DescriptorRequest(
+                entries=tuple((entry.key, entry.value) for entry in descriptor.entries),
+                override=override,
+                hits_addend=descriptor.hits_addend.value if descriptor.HasField("hits_addend") else None,
+            )
+        )
+    return descriptors
+
+
+def _status_to_proto(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
+    message = rls_pb2.RateLimitResponse.DescriptorStatus(code=int(status.code), limit_remaining=status.limit_remaining)
+    if status.current_limit is not None:
+        message.current_limit.requests_per_unit = status.current_limit.requests_per_unit
+        message.current_limit.unit = int(status.current_limit.unit)
+        message.current_limit.name = status.current_limit.name
+    if status.duration_until_reset_ms is not None:
+        message.duration_until_reset.CopyFrom(_duration(status.duration_until_reset_ms))
+    return message
+
+
+def _duration(milliseconds: int) -> Duration:
+    seconds, remainder = divmod(max(milliseconds, 0), 1000)
+    return Duration(seconds=seconds, nanos=remainder * 1_000_000)
+
+
+def decision_to_proto(decision: RateLimitDecision) -> rls_pb2.RateLimitResponse:
+    return rls_pb2.RateLimitResponse(
+        overall_code=int(decision.overall_code),
+        statuses=[_status_to_proto(status) for status in decision.statuses],
+        response_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in decision.response_headers],
+    )
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+    def __init__(self, service: RateLimitService, metrics: Metrics) -> None:
+        self._service = service
+        self._metrics = metrics
+
+    async def ShouldRateLimit(
+        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> rls_pb2.RateLimitResponse:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            decision = await self._service.should_rate_limit(
+                request.domain, descriptors_from_proto(request), request.hits_addend
+            )
+            outcome = decision.overall_code.name
+            return decision_to_proto(decision)
+        except InvalidRequest as exc:
+            outcome = "INVALID_ARGUMENT"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except BackendUnavailable as exc:
+            outcome = "UNAVAILABLE"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate limit backend unavailable: {exc}")
+        except Exception:
+            log.exception("unexpected failure in ShouldRateLimit")
+            outcome = "INTERNAL"
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in the rate limit service")
+        finally:
+            self._metrics.rpc_duration.labels(outcome).observe(time.perf_counter() - started)
+        raise AssertionError("unreachable: context.abort raises")
+
+
+class RateLimitServer:
+    """A grpc.aio server with the RLS service, reflection and health.
+
+    `start()` binds (port 0 picks a free port, see `.port`); `stop(grace)` turns health
+    to NOT_SERVING first, so Envoy's health checks steer away, then drains in-flight calls.
+    """
+
+    def __init__(self, service: RateLimitService, metrics: Metrics, host: str, port: int) -> None:
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(service, metrics), self._server)
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC port {host}:{port}")
+
+    async def start(self) -> None:
+        await self._server.start()
+        await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_serving(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float) -> None:
+        await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(grace_s)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

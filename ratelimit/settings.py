@@ -1,0 +1,169 @@
+"""Process settings: flags and environment in, one immutable Settings out.
+
+Every `serve` flag has an environment variable (`RATELIMIT_` + the flag's name in upper
+case with `-` as `_`); a flag given on the command line wins over the environment.
+Settings are not rules: the limits themselves live in the YAML config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from ratelimit.service import FailureMode
+
+ENV_PREFIX = "RATELIMIT_"
+
+
+def _dest(option: Option) -> str:
+    return option.flag.lstrip("-").replace("-", "_")
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: Sequence[str] | None = None
+    repeated: bool = False
+
+
+# One table drives the parser, the environment and the README's settings table.
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "--config",
+        [],
+        "limits config: a YAML file or a directory of them (repeatable; env: comma-separated)",
+        repeated=True,
+    ),
+    Option("--backend", "redis", "counter store", choices=("redis", "memory")),
+    Option("--redis-url", "redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://, user:password@ for AUTH)"),
+    Option("--redis-timeout-ms", 15.0, "per-call Redis timeout, below Envoy's 20 ms default RLS timeout", float),
+    Option("--redis-pool-size", 64, "Redis connections per replica", int),
+    Option("--key-prefix", "ratelimit:", "prefix of every Redis key"),
+    Option("--grpc-host", "0.0.0.0", "gRPC bind address"),
+    Option("--grpc-port", 8081, "gRPC port (RateLimitService, health, reflection)", int),
+    Option("--metrics-host", "0.0.0.0", "Prometheus exporter bind address"),
+    Option("--metrics-port", 9102, "Prometheus exporter port (HTTP /metrics); 0 disables the exporter", int),
+    Option(
+        "--on-backend-error",
+        "unavailable",
+        "answer when Redis fails: unavailable (gRPC UNAVAILABLE, so Envoy's failure_mode_deny decides), "
+        "allow (OK) or deny (OVER_LIMIT)",
+        choices=tuple(mode.value for mode in FailureMode),
+    ),
+    Option("--shadow-mode", False, "global shadow mode: count and report, never answer OVER_LIMIT", _bool),
+    Option("--merge-domains", False, "merge files that share a domain instead of rejecting them", _bool),
+    Option("--max-descriptors", 64, "most descriptors accepted in one request", int),
+    Option("--response-headers", False, "add RateLimit-Limit/-Remaining/-Reset response headers", _bool),
+    Option("--header-limit", "RateLimit-Limit", "name of the limit header"),
+    Option("--header-remaining", "RateLimit-Remaining", "name of the remaining header"),
+    Option("--header-reset", "RateLimit-Reset", "name of the reset header"),
+    Option("--config-poll-s", 1.0, "how often the config files are checked for changes; 0 disables reload", float),
+    Option("--shutdown-grace-s", 10.0, "how long SIGTERM waits for in-flight calls", float),
+    Option("--log-level", "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: tuple[str, ...] = ()
+    backend: str = "redis"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_ms: float = 15.0
+    redis_pool_size: int = 64
+    key_prefix: str = "ratelimit:"
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 8081
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9102
+    on_backend_error: FailureMode = FailureMode.UNAVAILABLE
+    shadow_mode: bool = False
+    merge_domains: bool = False
+    max_descriptors: int = 64
+    response_headers: bool = False
+    header_limit: str = "RateLimit-Limit"
+    header_remaining: str = "RateLimit-Remaining"
+    header_reset: str = "RateLimit-Reset"
+    config_poll_s: float = 1.0
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    def redacted_redis_url(self) -> str:
+        """The Redis URL without its password, for logs."""
+        scheme, sep, rest = self.redis_url.partition("://")
+        if not sep or "@" not in rest:
+            return self.redis_url
+        credentials, _, host = rest.rpartition("@")
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user + ':' if user else ''}***@{host}"
+
+
+class _AppendOverDefault(argparse.Action):
+    """Like "append", but values given on the command line replace the environment's."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        if current is self.default:
+            current = []
+        setattr(namespace, self.dest, [*current, values])
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    for option in OPTIONS:
+        env = env_name(option.flag)
+        default: Any = option.default
+        if env in environ:
+            raw = environ[env]
+            if option.repeated:
+                default = [part for part in raw.split(",") if part]
+            else:
+                try:
+                    default = option.parse(raw)
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    parser.error(f"{env}={raw!r}: {exc}")
+                if option.choices and default not in option.choices:
+                    parser.error(f"{env}={raw!r}: choose from {', '.join(option.choices)}")
+        kwargs: dict[str, Any] = {"default": default, "help": f"{option.help} [env {env}]"}
+        if option.repeated:
+            kwargs["action"] = _AppendOverDefault
+        else:
+            kwargs["type"] = option.parse
+        if option.choices:
+            kwargs["choices"] = option.choices
+        parser.add_argument(option.flag, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    values = {_dest(option): getattr(args, _dest(option)) for option in OPTIONS}
+    values["config"] = tuple(values["config"] or ())
+    values["on_backend_error"] = FailureMode(values["on_backend_error"])
+    return Settings(**values)
+
+
+def settings_from_environment(environ: Mapping[str, str] | None = None, argv: Sequence[str] = ()) -> Settings:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser, os.environ if environ is None else environ)
+    return settings_from_args(parser.parse_args(list(argv)))

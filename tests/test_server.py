@@ -1,0 +1,207 @@
+"""The service as a real process: gRPC answers, status codes, health, reflection, metrics, SIGTERM."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ratelimit.client import RateLimitClient, build_request
+from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from tests.support.replica import PROJECT_ROOT, running_replica
+
+SERVICE_YAML = Path(__file__).parent / "data" / "service.yaml"
+
+
+def test_check_command_prints_ok_ok_ok_over_limit(tmp_path: Path, redis_url: str) -> None:
+    with running_replica(tmp_path, [SERVICE_YAML], redis_url=redis_url) as replica:
+        outputs = []
+        for _ in range(4):
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "ratelimit",
+                    "check",
+                    "--target",
+                    replica.target,
+                    "--domain",
+                    "svc",
+                    "--descriptor",
+                    "user=alice",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=PROJECT_ROOT,
+            )
+            assert done.returncode == 0, done.stderr
+            outputs.append(done.stdout)
+    assert [o.splitlines()[-1] for o in outputs] == ["overall: OK"] * 3 + ["overall: OVER_LIMIT"]
+    assert "user=alice  OVER_LIMIT  3/MINUTE  0" in outputs[-1]
+
+
+def test_grpc_status_codes_for_bad_requests(tmp_path: Path, redis_url: str) -> None:
+    with (
+        running_replica(tmp_path, [SERVICE_YAML], redis_url=redis_url) as replica,
+        grpc.insecure_channel(replica.target) as channel,
+    ):
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as empty_domain:
+            stub.ShouldRateLimit(build_request("", [[("user", "x")]]), timeout=5)
+        assert empty_domain.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "domain must not be empty" in empty_domain.value.details()
+        with pytest.raises(grpc.RpcError) as no_descriptors:
+            stub.ShouldRateLimit(rls_pb2.RateLimitRequest(domain="svc"), timeout=5)
+        assert no_descriptors.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        huge = build_request("svc", [[("user", "x" * (2 * 1024 * 1024))]])
+        with pytest.raises(grpc.RpcError) as oversized:
+            stub.ShouldRateLimit(huge, timeout=5)
+        assert oversized.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        # and the replica still answers normally afterwards
+        ok = stub.ShouldRateLimit(build_request("svc", [[("user", "y")]]), timeout=5)
+        assert ok.overall_code == rls_pb2.RateLimitResponse.OK
+    assert "Traceback" not in replica.log()
+
+
+def test_redis_down_answers_unavailable_by_default_and_allow_or_deny_when_asked(tmp_path: Path) -> None:
+    from tests.support.processes import free_port
+
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    request = build_request("svc", [[("user", "x")]])
+    with (
+        running_replica(tmp_path, [SERVICE_YAML], redis_url=dead_redis) as replica,
+        grpc.insecure_channel(replica.target) as channel,
+    ):
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(request, timeout=5)
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 1.0
+    for mode, code in (("allow", rls_pb2.RateLimitResponse.OK), ("deny", rls_pb2.RateLimitResponse.OVER_LIMIT)):
+        with (
+            running_replica(
+                tmp_path, [SERVICE_YAML], redis_url=dead_redis, extra_args=["--on-backend-error", mode]
+            ) as replica,
+            grpc.insecure_channel(replica.target) as channel,
+        ):
+            reply = rls_pb2_grpc.RateLimitServiceStub(channel).ShouldRateLimit(request, timeout=5)
+            assert reply.overall_code == code
+        assert "Traceback" not in replica.log()
+
+
+def test_health_reports_serving_overall_and_per_service(tmp_path: Path) -> None:
+    with running_replica(tmp_path, [SERVICE_YAML]) as replica, grpc.insecure_channel(replica.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.ratelimit.v3.RateLimitService"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_metrics_exporter_serves_rule_counters(tmp_path: Path) -> None:
+    with running_replica(tmp_path, [SERVICE_YAML]) as replica:
+        with RateLimitClient(replica.target) as client:
+            for _ in range(4):
+                client.should_rate_limit("svc", [[("user", "m")]])
+        body = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'ratelimit_service_rate_limit_total_hits{domain="svc",key1="user",key2=""} 4.0' in body
+    assert 'ratelimit_service_rate_limit_over_limit{domain="svc",key1="user",key2=""} 1.0' in body
+    assert 'ratelimit_service_rate_limit_within_limit{domain="svc",key1="user",key2=""} 3.0' in body
+    assert 'ratelimit_service_rate_limit_total_hits{domain="svc",key1="roomy",key2=""} 0.0' in body
+    assert "ratelimit_rpc_duration_seconds_bucket" in body
+    assert 'ratelimit_build_info{version="' in body
+    assert "ratelimit_config_load_success_total 1.0" in body
+
+
+def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path, redis_url: str) -> None:
+    """Calls held in flight by a paused Redis still complete after SIGTERM."""
+    import redis
+
+    with running_replica(
+        tmp_path, [SERVICE_YAML], redis_url=redis_url, extra_args=["--redis-timeout-ms", "5000"]
+    ) as replica:
+        results: list[str] = []
+        failures: list[str] = []
+
+        def caller(name: str) -> None:
+            with RateLimitClient(replica.target, timeout_s=10) as client:
+                try:
+                    results.append(client.should_rate_limit("svc", [[("roomy", name)]]).overall_code)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+
+        caller("warm-up")  # the script is loaded and a connection is open
+        admin = redis.Redis.from_url(redis_url)
+        admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        threads = [threading.Thread(target=caller, args=(f"c{i}",)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # every call is now waiting on Redis inside the server
+        started = time.monotonic()
+        exit_code = replica.terminate()
+        for thread in threads:
+            thread.join(timeout=30)
+        admin.close()
+    assert exit_code == 0
+    assert failures == []
+    assert results == ["OK"] * 9
+    assert time.monotonic() - started >= 0.5  # it waited for the calls, not cut them
+    assert "draining in-flight calls" in replica.log()
+    assert "Traceback" not in replica.log()
+
+
+def test_bad_config_at_start_exits_with_file_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight, requests_per_unit: 1}\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ratelimit",
+            "serve",
+            "--config",
+            str(bad),
+            "--backend",
+            "memory",
+            "--grpc-port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=PROJECT_ROOT,
+    )
+    assert done.returncode == 2
+    assert "bad.yaml" in done.stderr and "fortnight" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_validate_config_command(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domain: d\ndescriptors:\n  - key: k\n    ratelimit: {unit: second}\n")
+    ok = subprocess.run(
+        [sys.executable, "-m", "ratelimit", "validate-config", str(SERVICE_YAML)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=PROJECT_ROOT,
+    )
+    assert ok.returncode == 0, ok.stderr
+    failed = subprocess.run(
+        [sys.executable, "-m", "ratelimit", "validate-config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=PROJECT_ROOT,
+    )
+    assert failed.returncode == 1
+    assert f"{bad}: config error, unknown key 'ratelimit'" in failed.stderr
