@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -31,6 +31,9 @@ from ratelimit.service import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+# The service's enums carry the protocol's numbers; the stubs type them as their own enums.
+_ProtoCode: TypeAlias = "rls_pb2.RateLimitResponse.Code"
+_ProtoUnit: TypeAlias = "rls_pb2.RateLimitResponse.RateLimit.Unit"
 # Requests larger than this are refused with RESOURCE_EXHAUSTED before parsing.
 MAX_MESSAGE_BYTES = 1024 * 1024
 
@@ -52,10 +55,12 @@ def descriptors_from_proto(request: rls_pb2.RateLimitRequest) -> list[Descriptor
 
 
 def _status_to_proto(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.DescriptorStatus:
-    message = rls_pb2.RateLimitResponse.DescriptorStatus(code=int(status.code), limit_remaining=status.limit_remaining)
+    message = rls_pb2.RateLimitResponse.DescriptorStatus(
+        code=cast(_ProtoCode, int(status.code)), limit_remaining=status.limit_remaining
+    )
     if status.current_limit is not None:
         message.current_limit.requests_per_unit = status.current_limit.requests_per_unit
-        message.current_limit.unit = int(status.current_limit.unit)
+        message.current_limit.unit = cast(_ProtoUnit, int(status.current_limit.unit))
         message.current_limit.name = status.current_limit.name
     if status.duration_until_reset_ms is not None:
         message.duration_until_reset.CopyFrom(_duration(status.duration_until_reset_ms))
@@ -69,7 +74,7 @@ def _duration(milliseconds: int) -> Duration:
 
 def decision_to_proto(decision: RateLimitDecision) -> rls_pb2.RateLimitResponse:
     return rls_pb2.RateLimitResponse(
-        overall_code=int(decision.overall_code),
+        overall_code=cast(_ProtoCode, int(decision.overall_code)),
         statuses=[_status_to_proto(status) for status in decision.statuses],
         response_headers_to_add=[base_pb2.HeaderValue(key=k, value=v) for k, v in decision.response_headers],
     )
