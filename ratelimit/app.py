@@ -14,6 +14,7 @@ import signal
 from prometheus_client import CollectorRegistry
 
 from ratelimit.limiter import Backend
+from ratelimit.limiter.cache import OverLimitCache
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
 from ratelimit.metrics import Metrics, MetricsExporter
@@ -26,13 +27,17 @@ log = logging.getLogger(__name__)
 
 
 def make_backend(settings: Settings) -> Backend:
+    backend: Backend
     if settings.backend == "memory":
-        return MemoryBackend()
-    return RedisBackend(
-        settings.redis_url,
-        timeout_s=settings.redis_timeout_ms / 1000,
-        max_connections=settings.redis_pool_size,
-    )
+        backend = MemoryBackend()
+    else:
+        backend = RedisBackend(
+            settings.redis_url,
+            timeout_s=settings.redis_timeout_ms / 1000,
+            max_connections=settings.redis_pool_size,
+            batching=settings.redis_batching,
+        )
+    return OverLimitCache(backend) if settings.over_limit_cache else backend
 
 
 def service_options(settings: Settings) -> ServiceOptions:
@@ -58,7 +63,9 @@ class Replica:
         self.config.load()  # a bad config at start is fatal: raise ConfigError to the CLI
         self.backend = make_backend(settings)
         self.service = RateLimitService(self.config.current, self.backend, self.metrics, service_options(settings))
-        self.server = RateLimitServer(self.service, self.metrics, settings.grpc_host, settings.grpc_port)
+        self.server = RateLimitServer(
+            self.service, self.metrics, settings.grpc_host, settings.grpc_port, reuse_port=settings.reuse_port
+        )
         self.exporter: MetricsExporter | None = None
         self._watcher: asyncio.Task[None] | None = None
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 import grpc
 
@@ -54,16 +54,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_serve(settings: Settings) -> int:
-    from ratelimit.app import Replica
-
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        errors = validate_paths(settings.config, merge_domains=settings.merge_domains)
+        if errors:
+            print(f"ratelimit: invalid config: {errors[0]}", file=sys.stderr)
+            return 2
+        from ratelimit.workers import run_workers
+
+        return run_workers(settings)
+
+    from ratelimit.app import Replica
 
     async def main() -> None:
         replica = Replica(settings)
         await replica.run()
 
     try:
-        asyncio.run(main())
+        _event_loop_runner(settings.event_loop)(main())
     except ConfigError as exc:
         print(f"ratelimit: invalid config: {exc}", file=sys.stderr)
         return 2
@@ -71,6 +79,18 @@ def run_serve(settings: Settings) -> int:
         print(f"ratelimit: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("ratelimit: --event-loop uvloop, but uvloop is not installed") from None
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 def run_validate(paths: Sequence[str], merge_domains: bool) -> int:

@@ -1,27 +1,25 @@
 """Prometheus metrics of one replica, and the exporter thread that serves them.
 
-Per-rule counters use the names and labels that envoyproxy/ratelimit's statsd-to-
+Per-rule metrics use the names and labels that envoyproxy/ratelimit's statsd-to-
 Prometheus mapping produces (`ratelimit_service_rate_limit_over_limit{domain,key1,key2}`),
 so existing dashboards and alerts keep working. prometheus_client would append `_total`
-to a counter, so these are exposed untyped under their exact names; they only increase.
-Label values come from the rule's stats key, which carries request values only when the
-rule asks for it (detailed_metric, value_to_metric); the number of label sets is capped.
+to a counter's name, so they are gauges that only ever increase (summed over worker
+processes in multiprocess mode). Label values come from the rule's stats key, which
+carries request values only when the rule asks for it (detailed_metric, value_to_metric);
+the number of label sets is capped.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from ratelimit import __version__
 
-RULE_COUNTERS = ("total_hits", "over_limit", "near_limit", "within_limit", "shadow_mode")
 RULE_LABELS = ("domain", "key1", "key2")
 OVERFLOW_LABEL = "_other_"
 # Buckets around Envoy's 20 ms default RLS timeout.
@@ -39,48 +37,54 @@ class RuleLabels:
         return cls(domain, parts[0] if parts else "", ".".join(parts[1:]))
 
 
-@dataclass(slots=True)
-class RuleCounts:
-    total_hits: int = 0
-    over_limit: int = 0
-    near_limit: int = 0
-    within_limit: int = 0
-    shadow_mode: int = 0
+@dataclass(frozen=True, slots=True)
+class RuleStats:
+    """The five hit counters of one rule (label set)."""
+
+    total_hits: Any
+    over_limit: Any
+    near_limit: Any
+    within_limit: Any
+    shadow_mode: Any
 
 
-class RuleStatsCollector(Collector):
-    """Per-rule hit counters, updated on the event loop and read by the exporter thread."""
+class RuleStatsFamily:
+    """Per-rule gauges and the cap on how many label sets they may hold."""
 
-    def __init__(self, max_label_sets: int) -> None:
+    def __init__(self, registry: CollectorRegistry, max_label_sets: int) -> None:
+        def family(name: str, meaning: str) -> Gauge:
+            return Gauge(
+                f"ratelimit_service_rate_limit_{name}",
+                f"Hits per rule {meaning} (only increases).",
+                RULE_LABELS,
+                registry=registry,
+                multiprocess_mode="sum",
+            )
+
+        self._families = (
+            family("total_hits", "in all"),
+            family("over_limit", "over the limit"),
+            family("near_limit", "admitted above the near-limit ratio"),
+            family("within_limit", "within the limit"),
+            family("shadow_mode", "over the limit but let through by shadow mode"),
+        )
         self._max_label_sets = max_label_sets
-        self._counts: dict[RuleLabels, RuleCounts] = {}
+        self._children: dict[RuleLabels, RuleStats] = {}
         self._lock = threading.Lock()
 
-    def counts_for(self, labels: RuleLabels) -> RuleCounts:
-        counts = self._counts.get(labels)
-        if counts is None:
-            with self._lock:
-                if len(self._counts) >= self._max_label_sets:
-                    labels = RuleLabels(labels.domain, OVERFLOW_LABEL, "")
-                counts = self._counts.setdefault(labels, RuleCounts())
-        return counts
-
-    def collect(self) -> Iterator[Metric]:
+    def __call__(self, labels: RuleLabels) -> RuleStats:
+        stats = self._children.get(labels)
+        if stats is not None:
+            return stats
         with self._lock:
-            snapshot = [
-                (labels, RuleCounts(**{n: getattr(c, n) for n in RULE_COUNTERS})) for labels, c in self._counts.items()
-            ]
-        for name in RULE_COUNTERS:
-            metric = Metric(
-                f"ratelimit_service_rate_limit_{name}", f"Hits per rule: {name.replace('_', ' ')}.", "unknown"
-            )
-            for labels, counts in snapshot:
-                metric.add_sample(
-                    metric.name,
-                    {"domain": labels.domain, "key1": labels.key1, "key2": labels.key2},
-                    float(getattr(counts, name)),
-                )
-            yield metric
+            if len(self._children) >= self._max_label_sets and labels not in self._children:
+                labels = RuleLabels(labels.domain, OVERFLOW_LABEL, "")
+                if labels in self._children:
+                    return self._children[labels]
+            values = (labels.domain, labels.key1, labels.key2)
+            stats = RuleStats(*(family.labels(*values) for family in self._families))
+            self._children[labels] = stats
+            return stats
 
 
 class Metrics:
@@ -88,8 +92,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, max_rule_label_sets: int = 10_000) -> None:
         self.registry = registry
-        self.rules = RuleStatsCollector(max_rule_label_sets)
-        registry.register(self.rules)
+        self.rules = RuleStatsFamily(registry, max_rule_label_sets)
         self.rpc_duration = Histogram(
             "ratelimit_rpc_duration_seconds",
             "ShouldRateLimit latency as seen by the server.",
@@ -122,6 +125,7 @@ class Metrics:
             "ratelimit_config_healthy",
             "1 when the last config load succeeded, 0 when it failed and an older config is in force.",
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.global_shadow_mode = Counter(
             "ratelimit_global_shadow_mode",
@@ -131,13 +135,15 @@ class Metrics:
         self.domain_not_found = Counter(
             "ratelimit_domain_not_found", "Requests for a domain the config does not know.", registry=registry
         )
-        self.build_info = Info("ratelimit_build", "Version of this service.", registry=registry)
-        self.build_info.info({"version": __version__})
+        self.build_info = Gauge(
+            "ratelimit_build_info", "Version of this service.", ["version"], registry=registry, multiprocess_mode="max"
+        )
+        self.build_info.labels(__version__).set(1)
 
     def declare_rules(self, labels: Iterable[RuleLabels]) -> None:
         """Create configured rules' series at zero, so dashboards see them before traffic."""
         for rule_labels in labels:
-            self.rules.counts_for(rule_labels)
+            self.rules(rule_labels)
 
 
 class MetricsExporter:

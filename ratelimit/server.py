@@ -118,11 +118,14 @@ class RateLimitServer:
     to NOT_SERVING first, so Envoy's health checks steer away, then drains in-flight calls.
     """
 
-    def __init__(self, service: RateLimitService, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(
+        self, service: RateLimitService, metrics: Metrics, host: str, port: int, *, reuse_port: bool = False
+    ) -> None:
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
+                # Off unless asked: a second server on a taken port must fail, not share it.
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(service, metrics), self._server)

@@ -251,23 +251,23 @@ class RateLimitService:
         )
 
     def _count(self, item: _Checked, result: CounterResult, admitted: bool) -> None:
-        counts = self._metrics.rules.counts_for(item.labels)
+        stats = self._metrics.rules(item.labels)
         hits = item.hits
-        counts.total_hits += hits
+        stats.total_hits.inc(hits)
         if result.over_limit:
-            counts.over_limit += hits
+            stats.over_limit.inc(hits)
             if item.rule.shadow_mode:
-                counts.shadow_mode += hits
+                stats.shadow_mode.inc(hits)
             return
-        counts.within_limit += hits
+        stats.within_limit.inc(hits)
         if not admitted:
             return
-        limit = item.rule.requests_per_unit
-        near_threshold = math.floor(limit * NEAR_LIMIT_RATIO)
+        # As envoyproxy/ratelimit: the admitted hits that land above 80% of the limit.
+        near_threshold = math.floor(item.rule.requests_per_unit * NEAR_LIMIT_RATIO)
         after = result.used
         before = after - item.request.hits
         if after > near_threshold:
-            counts.near_limit += after - max(near_threshold, before)
+            stats.near_limit.inc(after - max(near_threshold, before))
 
     def _headers(
         self, checked: Sequence[_Checked], statuses: Sequence[DescriptorStatus]

@@ -57,6 +57,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("--redis-timeout-ms", 15.0, "per-call Redis timeout, below Envoy's 20 ms default RLS timeout", float),
     Option("--redis-pool-size", 64, "Redis connections per replica", int),
     Option("--key-prefix", "ratelimit:", "prefix of every Redis key"),
+    Option("--redis-batching", True, "send the script calls of concurrent requests in one pipeline", _bool),
+    Option("--over-limit-cache", True, "answer requests for counters known full locally, until Redis's reset", _bool),
+    Option("--workers", 1, "server processes sharing the gRPC port (SO_REUSEPORT); metrics report their sum", int),
+    Option("--reuse-port", False, "let other processes bind the same gRPC port (set for --workers)", _bool),
+    Option(
+        "--event-loop",
+        "auto",
+        "asyncio event loop: uvloop when installed (auto), or asyncio",
+        choices=("auto", "asyncio", "uvloop"),
+    ),
     Option("--grpc-host", "0.0.0.0", "gRPC bind address"),
     Option("--grpc-port", 8081, "gRPC port (RateLimitService, health, reflection)", int),
     Option("--metrics-host", "0.0.0.0", "Prometheus exporter bind address"),
@@ -89,6 +99,11 @@ class Settings:
     redis_timeout_ms: float = 15.0
     redis_pool_size: int = 64
     key_prefix: str = "ratelimit:"
+    redis_batching: bool = True
+    over_limit_cache: bool = True
+    workers: int = 1
+    reuse_port: bool = False
+    event_loop: str = "auto"
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 8081
     metrics_host: str = "0.0.0.0"
@@ -167,3 +182,18 @@ def settings_from_environment(environ: Mapping[str, str] | None = None, argv: Se
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser, os.environ if environ is None else environ)
     return settings_from_args(parser.parse_args(list(argv)))
+
+
+def settings_to_environment(settings: Settings) -> dict[str, str]:
+    """The environment that reproduces `settings` (for worker processes)."""
+    environment = {}
+    for option in OPTIONS:
+        value = getattr(settings, _dest(option))
+        if option.repeated:
+            text = ",".join(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value.value if isinstance(value, FailureMode) else value)
+        environment[env_name(option.flag)] = text
+    return environment

@@ -18,12 +18,12 @@ T = TypeVar("T")
 BackendFactory = Callable[[], Backend]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-unbatched"])
 def make_backend(request: pytest.FixtureRequest) -> BackendFactory:
     if request.param == "memory":
         return MemoryBackend
     url = request.getfixturevalue("redis_url")
-    return lambda: RedisBackend(url, timeout_s=1.0)
+    return lambda: RedisBackend(url, timeout_s=1.0, batching=request.param == "redis")
 
 
 def run(make_backend: BackendFactory, scenario: Callable[[Backend], Awaitable[T]]) -> T:
@@ -233,3 +233,26 @@ def test_an_unreachable_redis_fails_fast_with_a_backend_error() -> None:
         assert loop.time() - start < 0.5
 
     run(lambda: RedisBackend(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.05), scenario)
+
+
+def test_concurrent_requests_share_round_trips_and_each_stays_atomic(redis_url: str) -> None:
+    async def scenario(backend: Backend) -> tuple[int, list[bool]]:
+        assert isinstance(backend, RedisBackend)
+        decisions = await asyncio.gather(*(backend.evaluate([counter("batch", 30)]) for _ in range(50)))
+        return backend.round_trips, [d.admitted for d in decisions]
+
+    round_trips, admitted = run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    assert admitted.count(True) == 30
+    assert round_trips <= 3  # 50 script calls in one or two pipelines (plus none for the script load)
+
+
+def test_script_cache_flush_is_invisible_to_callers(make_backend: BackendFactory, redis_url: str) -> None:
+    async def scenario(backend: Backend) -> None:
+        assert (await backend.evaluate([counter("flush", 5)])).admitted
+        admin = redis.Redis.from_url(redis_url)
+        admin.script_flush()
+        admin.close()
+        results = await asyncio.gather(*(backend.evaluate([counter("flush", 5)]) for _ in range(3)))
+        assert sorted(r.results[0].used for r in results) == [2, 3, 4]
+
+    run(make_backend, scenario)

@@ -205,3 +205,28 @@ def test_validate_config_command(tmp_path: Path) -> None:
     )
     assert failed.returncode == 1
     assert f"{bad}: config error, unknown key 'ratelimit'" in failed.stderr
+
+
+def test_workers_share_the_port_and_metrics_report_their_sum(tmp_path: Path, redis_url: str) -> None:
+    import re
+
+    with running_replica(tmp_path, [SERVICE_YAML], redis_url=redis_url, extra_args=["--workers", "2"]) as replica:
+        children = subprocess.run(
+            ["pgrep", "-P", str(replica.process.pid)], capture_output=True, text=True, timeout=10
+        ).stdout.split()
+        assert len(children) == 2
+        calls = 0
+        for channel_number in range(8):  # new connections: the kernel spreads them over workers
+            with RateLimitClient(replica.target) as client:
+                for _ in range(5):
+                    assert client.should_rate_limit("svc", [[("roomy", f"w{channel_number}")]]).overall_code == "OK"
+                    calls += 1
+        time.sleep(0.2)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
+        total = re.search(r'ratelimit_service_rate_limit_total_hits\{domain="svc",key1="roomy",key2=""\} (\S+)', body)
+        assert total is not None and float(total.group(1)) == calls
+        served = re.findall(r'ratelimit_rpc_duration_seconds_count\{code="OK"\} (\S+)', body)
+        assert sum(float(v) for v in served) == calls
+        exit_code = replica.terminate()
+    assert exit_code == 0
+    assert "Traceback" not in replica.log()

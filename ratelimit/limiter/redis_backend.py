@@ -1,11 +1,14 @@
 """Counters in Redis: one EVALSHA per request, whatever the number of descriptors.
 
-Store exceptions are translated here, once, into BackendError with a bounded `kind`.
+With batching on, the EVALSHAs of all requests that arrive in one event-loop turn go to
+Redis together in one pipeline (one write, one read), each still its own atomic script
+call. Store exceptions are translated here, once, into BackendError with a bounded `kind`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Sequence
 
@@ -24,16 +27,24 @@ class RedisBackend(Backend):
     BackendError("timeout") instead of holding Envoy past its own RLS deadline.
     """
 
-    def __init__(self, url: str, *, timeout_s: float, max_connections: int = 64) -> None:
-        self._client = aioredis.Redis.from_url(
+    def __init__(self, url: str, *, timeout_s: float, max_connections: int = 64, batching: bool = True) -> None:
+        # A blocking pool: a burst waits for a free connection (within the call's
+        # timeout) instead of failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
             socket_timeout=max(timeout_s, 0.05),
             socket_connect_timeout=max(timeout_s, 0.05),
             max_connections=max_connections,
+            timeout=max(timeout_s, 0.05),
             decode_responses=False,
         )
+        self._client = aioredis.Redis(connection_pool=pool)
         self._timeout_s = timeout_s
         self._sha: str | None = None
+        self._batching = batching
+        self._pending: list[_Call] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
 
     async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
         keys = [request.key for request in requests]
@@ -46,17 +57,61 @@ class RedisBackend(Backend):
                 request.hits,
                 int(request.role),
             )
-        reply = await self._guarded(self._run_script(keys, args))
+        call = self._batched(keys, args) if self._batching else self._run_script(keys, args)
+        reply = await self._guarded(call)
         return _decision_from_reply(reply, len(requests))
+
+    async def _batched(self, keys: list[str], args: list[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(_Call(keys, args, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.create_task(self._execute(batch))
+        self._flushes.add(task)  # keep a reference until done
+        task.add_done_callback(self._flushes.discard)
+
+    async def _execute(self, batch: list[_Call]) -> None:
+        """Run one pipeline; every outcome lands on its caller's future, never in the loop."""
+        try:
+            if self._sha is None:
+                self._sha = await self._client.script_load(SCRIPT_SOURCE)
+            replies = await self._pipeline(batch)
+            missing = [call for call, reply in zip(batch, replies) if isinstance(reply, redis_errors.NoScriptError)]
+            if missing:  # Redis restarted or SCRIPT FLUSH: load again, invisibly to callers
+                self._sha = await self._client.script_load(SCRIPT_SOURCE)
+                for call, reply in zip(missing, await self._pipeline(missing)):
+                    call.settle(reply)
+            for call, reply in zip(batch, replies):
+                if not isinstance(reply, redis_errors.NoScriptError):
+                    call.settle(reply)
+        except BaseException as exc:  # handed to the callers, who translate it
+            for call in batch:
+                call.settle(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        assert self._sha is not None  # loaded by the caller
+        self.round_trips += 1
+        pipe = self._client.pipeline(transaction=False)
+        for call in batch:
+            pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def _run_script(self, keys: list[str], args: list[Any]) -> Any:
         if self._sha is None:
             self._sha = await self._client.script_load(SCRIPT_SOURCE)
         try:
+            self.round_trips += 1
             return await self._client.evalsha(self._sha, len(keys), *keys, *args)
         except redis_errors.NoScriptError:
             # Redis restarted or SCRIPT FLUSH: load again, invisibly to the caller.
             self._sha = await self._client.script_load(SCRIPT_SOURCE)
+            self.round_trips += 1
             return await self._client.evalsha(self._sha, len(keys), *keys, *args)
 
     async def _guarded(self, call: Any) -> Any:
@@ -77,7 +132,27 @@ class RedisBackend(Backend):
         await self._guarded(self._client.ping())
 
     async def close(self) -> None:
-        await self._client.aclose()
+        for task in list(self._flushes):
+            task.cancel()
+        # The pool was passed in, so the client does not close it by itself.
+        await self._client.aclose(close_connection_pool=True)
+
+
+@dataclass(slots=True)
+class _Call:
+    keys: list[str]
+    args: list[Any]
+    future: asyncio.Future[Any]
+
+    def settle(self, outcome: Any) -> None:
+        if self.future.done():  # the caller gave up (timeout) meanwhile
+            return
+        if isinstance(outcome, asyncio.CancelledError):
+            self.future.cancel()
+        elif isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
 
 
 def _decision_from_reply(reply: Sequence[Any], count: int) -> Decision:
