@@ -13,7 +13,8 @@ import signal
 
 from prometheus_client import CollectorRegistry
 
-from ratelimit.limiter import Backend
+from ratelimit.limiter import Backend, BackendError
+from ratelimit.limiter.breaker import CircuitBreaker, CircuitState
 from ratelimit.limiter.cache import OverLimitCache
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
@@ -25,19 +26,27 @@ from ratelimit.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Extra health service names: they report state without steering Envoy, whose health
+# check asks for the RateLimitService, which stays SERVING while the failure mode answers.
+BACKEND_HEALTH_SERVICE = "ratelimit.Backend"
+CONFIG_HEALTH_SERVICE = "ratelimit.Config"
+STATE_REPORT_INTERVAL_S = 0.25
 
-def make_backend(settings: Settings) -> Backend:
-    backend: Backend
+
+def make_store(settings: Settings) -> tuple[Backend, CircuitBreaker | None]:
+    """The counter store, behind a circuit breaker when it can fail (Redis)."""
     if settings.backend == "memory":
-        backend = MemoryBackend()
-    else:
-        backend = RedisBackend(
-            settings.redis_url,
-            timeout_s=settings.redis_timeout_ms / 1000,
-            max_connections=settings.redis_pool_size,
-            batching=settings.redis_batching,
-        )
-    return OverLimitCache(backend) if settings.over_limit_cache else backend
+        return MemoryBackend(), None
+    redis = RedisBackend(
+        settings.redis_url,
+        timeout_s=settings.redis_timeout_ms / 1000,
+        max_connections=settings.redis_pool_size,
+        batching=settings.redis_batching,
+    )
+    breaker = CircuitBreaker(
+        redis, failure_threshold=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_ms / 1000
+    )
+    return breaker, breaker
 
 
 def service_options(settings: Settings) -> ServiceOptions:
@@ -61,22 +70,28 @@ class Replica:
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.config = ConfigHolder(settings.config, merge_domains=settings.merge_domains, metrics=self.metrics)
         self.config.load()  # a bad config at start is fatal: raise ConfigError to the CLI
-        self.backend = make_backend(settings)
+        store, self.breaker = make_store(settings)
+        self.backend: Backend = OverLimitCache(store) if settings.over_limit_cache else store
         self.service = RateLimitService(self.config.current, self.backend, self.metrics, service_options(settings))
         self.server = RateLimitServer(
             self.service, self.metrics, settings.grpc_host, settings.grpc_port, reuse_port=settings.reuse_port
         )
         self.exporter: MetricsExporter | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        try:
+            await self.backend.prepare()
+        except BackendError as exc:  # not fatal: requests follow the failure mode until it is up
+            log.warning("backend not ready at start: %s", exc)
         await self.server.start()
         if self.settings.metrics_port:
             self.exporter = MetricsExporter(
                 self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
             )
         if self.settings.config_poll_s > 0 and self.settings.config:
-            self._watcher = asyncio.create_task(self.config.watch(self.settings.config_poll_s))
+            self._background.append(asyncio.create_task(self.config.watch(self.settings.config_poll_s)))
+        self._background.append(asyncio.create_task(self._report_state()))
         log.info(
             "serving RateLimitService on %s:%d (backend %s%s), metrics on %s",
             self.settings.grpc_host,
@@ -86,11 +101,20 @@ class Replica:
             f"{self.settings.metrics_host}:{self.exporter.port}" if self.exporter else "off",
         )
 
+    async def _report_state(self) -> None:
+        """Mirror the backend's and the config's state into health and metrics."""
+        while True:
+            backend_ok = self.breaker is None or self.breaker.state is CircuitState.CLOSED
+            self.metrics.circuit_open.set(0 if backend_ok else 1)
+            await self.server.set_component_health(BACKEND_HEALTH_SERVICE, backend_ok)
+            await self.server.set_component_health(CONFIG_HEALTH_SERVICE, self.config.last_error is None)
+            await asyncio.sleep(STATE_REPORT_INTERVAL_S)
+
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in self._background:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+                await task
         await self.server.stop(self.settings.shutdown_grace_s)
         await self.backend.close()
         if self.exporter is not None:

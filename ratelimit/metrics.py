@@ -109,6 +109,12 @@ class Metrics:
         self.backend_errors = Counter(
             "ratelimit_backend_errors", "Backend failures by kind.", ["kind"], registry=registry
         )
+        self.circuit_open = Gauge(
+            "ratelimit_backend_circuit_open",
+            "1 while the circuit breaker fails Redis calls fast, 0 when closed.",
+            registry=registry,
+            multiprocess_mode="max",
+        )
         self.failure_mode_answers = Counter(
             "ratelimit_backend_failure_answers",
             "Requests answered by the failure mode while the backend failed.",

@@ -147,6 +147,10 @@ class RateLimitServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    async def set_component_health(self, name: str, healthy: bool) -> None:
+        serving = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(name, serving)
+
     async def stop(self, grace_s: float) -> None:
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(grace_s)

@@ -57,6 +57,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--redis-timeout-ms", 15.0, "per-call Redis timeout, below Envoy's 20 ms default RLS timeout", float),
     Option("--redis-pool-size", 64, "Redis connections per replica", int),
     Option("--key-prefix", "ratelimit:", "prefix of every Redis key"),
+    Option("--breaker-failures", 5, "consecutive Redis failures that open the circuit breaker (fail fast)", int),
+    Option("--breaker-cooldown-ms", 500.0, "how long the open breaker fails fast before probing Redis again", float),
     Option("--redis-batching", True, "send the script calls of concurrent requests in one pipeline", _bool),
     Option("--over-limit-cache", True, "answer requests for counters known full locally, until Redis's reset", _bool),
     Option("--workers", 1, "server processes sharing the gRPC port (SO_REUSEPORT); metrics report their sum", int),
@@ -99,6 +101,8 @@ class Settings:
     redis_timeout_ms: float = 15.0
     redis_pool_size: int = 64
     key_prefix: str = "ratelimit:"
+    breaker_failures: int = 5
+    breaker_cooldown_ms: float = 500.0
     redis_batching: bool = True
     over_limit_cache: bool = True
     workers: int = 1

@@ -230,3 +230,35 @@ def test_workers_share_the_port_and_metrics_report_their_sum(tmp_path: Path, red
         exit_code = replica.terminate()
     assert exit_code == 0
     assert "Traceback" not in replica.log()
+
+
+def test_health_reports_backend_and_config_state_without_failing_the_rls_service(tmp_path: Path) -> None:
+    from tests.support.processes import free_port
+
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(SERVICE_YAML.read_text())
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    args = ["--on-backend-error", "allow", "--config-poll-s", "0.2", "--redis-timeout-ms", "50"]
+    with (
+        running_replica(tmp_path, [limits], redis_url=dead_redis, extra_args=args) as replica,
+        grpc.insecure_channel(replica.target) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+        with RateLimitClient(replica.target) as client:
+            for _ in range(6):  # enough consecutive failures to open the breaker
+                assert client.should_rate_limit("svc", [[("user", "h")]]).overall_code == "OK"
+        time.sleep(0.5)
+        assert status("ratelimit.Backend") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status("envoy.service.ratelimit.v3.RateLimitService") == health_pb2.HealthCheckResponse.SERVING
+        assert status("ratelimit.Config") == health_pb2.HealthCheckResponse.SERVING
+        limits.write_text("domain: svc\ndescriptors: [{key: k, ratelimit: {}}]\n")
+        time.sleep(1.0)
+        assert status("ratelimit.Config") == health_pb2.HealthCheckResponse.NOT_SERVING
+        body = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
+    assert "ratelimit_backend_circuit_open 1.0" in body
+    assert 'ratelimit_backend_errors_total{kind="circuit_open"}' in body
+    assert "ratelimit_config_healthy 0.0" in body

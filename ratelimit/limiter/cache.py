@@ -82,6 +82,9 @@ class OverLimitCache(Backend):
     async def ping(self) -> None:
         await self._inner.ping()
 
+    async def prepare(self) -> None:
+        await self._inner.prepare()
+
     async def close(self) -> None:
         await self._inner.close()
 

@@ -131,6 +131,14 @@ class RedisBackend(Backend):
     async def ping(self) -> None:
         await self._guarded(self._client.ping())
 
+    async def prepare(self) -> None:
+        # Connect and load the script now, so the first request does not pay for both
+        # within its timeout.
+        try:
+            self._sha = await self._client.script_load(SCRIPT_SOURCE)
+        except redis_errors.RedisError as exc:
+            raise BackendError("connection", f"redis not ready: {exc}") from exc
+
     async def close(self) -> None:
         for task in list(self._flushes):
             task.cancel()

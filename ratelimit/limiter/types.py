@@ -95,5 +95,8 @@ class Backend(abc.ABC):
     async def ping(self) -> None:
         """Raise BackendError when the store cannot answer."""
 
+    async def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Connect and load what the first request needs (failures are the caller's to log)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -88,7 +88,9 @@ def running_replica(
     for path in config:
         args += ["--config", str(path)]
     args += ["--redis-url", redis_url] if redis_url else ["--backend", "memory"]
-    args += list(extra_args)
+    # The 15 ms default is for production; a shared 2-core test machine needs slack.
+    # Tests of the timeout itself pass their own value (the last flag wins).
+    args += ["--redis-timeout-ms", "500", *extra_args]
     log_path = tmp_dir / f"replica-{grpc_port}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
