@@ -23,6 +23,7 @@ from ratelimit.reload import ConfigHolder
 from ratelimit.server import RateLimitServer
 from ratelimit.service import RateLimitService, ServiceOptions
 from ratelimit.settings import Settings
+from ratelimit.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,27 @@ log = logging.getLogger(__name__)
 BACKEND_HEALTH_SERVICE = "ratelimit.Backend"
 CONFIG_HEALTH_SERVICE = "ratelimit.Config"
 STATE_REPORT_INTERVAL_S = 0.25
+
+
+def tls_files(settings: Settings) -> TlsFiles | None:
+    if not settings.tls_cert_file and not settings.tls_key_file:
+        if settings.tls_client_ca_file:
+            raise ValueError("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+        return None
+    if not (settings.tls_cert_file and settings.tls_key_file):
+        raise ValueError("--tls-cert-file and --tls-key-file go together")
+    return TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file or None)
+
+
+def redis_tls_options(settings: Settings) -> dict[str, str]:
+    options = {}
+    if settings.redis_ca_file:
+        options["ssl_ca_certs"] = settings.redis_ca_file
+    if settings.redis_cert_file:
+        options["ssl_certfile"] = settings.redis_cert_file
+    if settings.redis_key_file:
+        options["ssl_keyfile"] = settings.redis_key_file
+    return options
 
 
 def make_store(settings: Settings) -> tuple[Backend, CircuitBreaker | None]:
@@ -42,6 +64,7 @@ def make_store(settings: Settings) -> tuple[Backend, CircuitBreaker | None]:
         timeout_s=settings.redis_timeout_ms / 1000,
         max_connections=settings.redis_pool_size,
         batching=settings.redis_batching,
+        connection_options=redis_tls_options(settings),
     )
     breaker = CircuitBreaker(
         redis, failure_threshold=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_ms / 1000
@@ -74,7 +97,12 @@ class Replica:
         self.backend: Backend = OverLimitCache(store) if settings.over_limit_cache else store
         self.service = RateLimitService(self.config.current, self.backend, self.metrics, service_options(settings))
         self.server = RateLimitServer(
-            self.service, self.metrics, settings.grpc_host, settings.grpc_port, reuse_port=settings.reuse_port
+            self.service,
+            self.metrics,
+            settings.grpc_host,
+            settings.grpc_port,
+            reuse_port=settings.reuse_port,
+            tls=tls_files(settings),
         )
         self.exporter: MetricsExporter | None = None
         self._background: list[asyncio.Task[None]] = []

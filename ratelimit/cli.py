@@ -75,7 +75,7 @@ def run_serve(settings: Settings) -> int:
     except ConfigError as exc:
         print(f"ratelimit: invalid config: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"ratelimit: {exc}", file=sys.stderr)
         return 1
     return 0

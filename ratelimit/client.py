@@ -66,11 +66,42 @@ def result_from_response(response: rls_pb2.RateLimitResponse) -> Result:
     return Result(code_name(response.overall_code), tuple(statuses), headers)
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """Client TLS: the CA that signs the server, and for mTLS our certificate and key (PEM bytes)."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name: str | None = None  # overrides the name checked against the certificate
+
+    @classmethod
+    def from_files(
+        cls, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+    ) -> TlsOptions:
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            with open(path, "rb") as file:
+                return file.read()
+
+        return cls(read(ca_file), read(cert_file), read(key_file))
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
 class RateLimitClient:
     """A blocking client; one channel, reused for every call."""
 
-    def __init__(self, target: str, *, timeout_s: float = 1.0) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(self, target: str, *, timeout_s: float = 1.0, tls: TlsOptions | None = None) -> None:
+        if tls is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=tls.channel_options())
         self._stub = rls_pb2_grpc.RateLimitServiceStub(self._channel)
         self._timeout_s = timeout_s
 

@@ -27,6 +27,7 @@ from ratelimit.service import (
     RateLimitDecision,
     RateLimitService,
 )
+from ratelimit.tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,14 @@ class RateLimitServer:
     """
 
     def __init__(
-        self, service: RateLimitService, metrics: Metrics, host: str, port: int, *, reuse_port: bool = False
+        self,
+        service: RateLimitService,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         self._server = grpc.aio.server(
             options=[
@@ -135,7 +143,11 @@ class RateLimitServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
         )
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, server_credentials(tls))
         if self.port == 0:
             raise OSError(f"cannot bind the gRPC port {host}:{port}")
 

@@ -69,8 +69,14 @@ OPTIONS: tuple[Option, ...] = (
         "asyncio event loop: uvloop when installed (auto), or asyncio",
         choices=("auto", "asyncio", "uvloop"),
     ),
+    Option("--redis-ca-file", "", "CA bundle that signs Redis's certificate (rediss://)"),
+    Option("--redis-cert-file", "", "client certificate for Redis TLS"),
+    Option("--redis-key-file", "", "client key for Redis TLS"),
     Option("--grpc-host", "0.0.0.0", "gRPC bind address"),
     Option("--grpc-port", 8081, "gRPC port (RateLimitService, health, reflection)", int),
+    Option("--tls-cert-file", "", "serve gRPC over TLS with this certificate chain (PEM); reloaded on change"),
+    Option("--tls-key-file", "", "private key of --tls-cert-file (PEM)"),
+    Option("--tls-client-ca-file", "", "require client certificates signed by this CA (mTLS)"),
     Option("--metrics-host", "0.0.0.0", "Prometheus exporter bind address"),
     Option("--metrics-port", 9102, "Prometheus exporter port (HTTP /metrics); 0 disables the exporter", int),
     Option(
@@ -108,8 +114,14 @@ class Settings:
     workers: int = 1
     reuse_port: bool = False
     event_loop: str = "auto"
+    redis_ca_file: str = ""
+    redis_cert_file: str = ""
+    redis_key_file: str = ""
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 8081
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9102
     on_backend_error: FailureMode = FailureMode.UNAVAILABLE

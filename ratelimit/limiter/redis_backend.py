@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
@@ -27,7 +27,15 @@ class RedisBackend(Backend):
     BackendError("timeout") instead of holding Envoy past its own RLS deadline.
     """
 
-    def __init__(self, url: str, *, timeout_s: float, max_connections: int = 64, batching: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        max_connections: int = 64,
+        batching: bool = True,
+        connection_options: Mapping[str, Any] | None = None,
+    ) -> None:
         # A blocking pool: a burst waits for a free connection (within the call's
         # timeout) instead of failing with "too many connections".
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -37,6 +45,7 @@ class RedisBackend(Backend):
             max_connections=max_connections,
             timeout=max(timeout_s, 0.05),
             decode_responses=False,
+            **(connection_options or {}),
         )
         self._client = aioredis.Redis(connection_pool=pool)
         self._timeout_s = timeout_s

@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 def free_port() -> int:
@@ -56,25 +56,19 @@ def redis_server_binary() -> str:
 
 
 @contextlib.contextmanager
-def running_redis(port: int | None = None) -> Iterator[RedisServer]:
+def running_redis(port: int | None = None, extra_args: Sequence[str] = ()) -> Iterator[RedisServer]:
     """A throwaway redis-server on loopback, no persistence."""
     port = port or free_port()
     directory = Path(tempfile.mkdtemp(prefix="ratelimit-redis-"))
+    # extra_args may move the port ("--port 0 --tls-port N"); give --port only once.
+    port_args = () if "--port" in extra_args else ("--port", str(port))
     process = subprocess.Popen(
         [
             redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-            "--protected-mode",
-            "yes",
+            *port_args,
+            *("--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
+            *("--dir", str(directory), "--protected-mode", "yes"),
+            *extra_args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -46,9 +46,15 @@ class ReplicaProcess:
             self.process.wait(timeout=10)
 
 
-def wait_until_serving(target: str, timeout_s: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until_serving(
+    target: str,
+    timeout_s: float = 20.0,
+    process: subprocess.Popen[bytes] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    channel = grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -69,7 +75,10 @@ def running_replica(
     redis_url: str | None = None,
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    tls_ca: Path | None = None,
+    tls_client: tuple[Path, Path] | None = None,
 ) -> Iterator[ReplicaProcess]:
+    """A replica on free ports; `tls_ca` (and `tls_client` cert, key) when it serves TLS."""
     grpc_port, metrics_port = free_port(), free_port()
     args = [
         sys.executable,
@@ -102,7 +111,13 @@ def running_replica(
         )
     replica = ReplicaProcess(grpc_port, metrics_port, process, log_path, args)
     try:
-        wait_until_serving(replica.target, process=process)
+        credentials = None
+        if tls_ca is not None:
+            cert, key = tls_client if tls_client else (None, None)
+            credentials = grpc.ssl_channel_credentials(
+                tls_ca.read_bytes(), key.read_bytes() if key else None, cert.read_bytes() if cert else None
+            )
+        wait_until_serving(replica.target, process=process, credentials=credentials)
         yield replica
     finally:
         replica.kill()
