@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Mapping, Sequence
 
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
 
+from ratelimit.limiter.redis_connect import make_client
 from ratelimit.limiter.types import Backend, BackendError, CounterRequest, CounterResult, Decision
 
 SCRIPT_SOURCE = resources.files("ratelimit.limiter").joinpath("lua/evaluate.lua").read_text()
@@ -36,21 +37,17 @@ class RedisBackend(Backend):
         batching: bool = True,
         connection_options: Mapping[str, Any] | None = None,
     ) -> None:
-        # A blocking pool: a burst waits for a free connection (within the call's
-        # timeout) instead of failing with "too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
+        self._client = make_client(
             url,
-            socket_timeout=max(timeout_s, 0.05),
-            socket_connect_timeout=max(timeout_s, 0.05),
+            timeout_s=max(timeout_s, 0.05),
             max_connections=max_connections,
-            timeout=max(timeout_s, 0.05),
-            decode_responses=False,
-            **(connection_options or {}),
+            options=connection_options or {},
         )
-        self._client = aioredis.Redis(connection_pool=pool)
         self._timeout_s = timeout_s
         self._sha: str | None = None
-        self._batching = batching
+        # redis-py refuses script calls in cluster pipelines; on a cluster each request is
+        # its own EVALSHA to the node of its slot.
+        self._batching = batching and not isinstance(self._client, RedisCluster)
         self._pending: list[_Call] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
@@ -151,8 +148,11 @@ class RedisBackend(Backend):
     async def close(self) -> None:
         for task in list(self._flushes):
             task.cancel()
-        # The pool was passed in, so the client does not close it by itself.
-        await self._client.aclose(close_connection_pool=True)
+        if isinstance(self._client, RedisCluster):
+            await self._client.aclose()
+        else:
+            # A pool passed in is not closed by the client by itself.
+            await self._client.aclose(close_connection_pool=True)
 
 
 @dataclass(slots=True)
