@@ -1,4 +1,8 @@
-"""A small typed client over the generated stubs, returning plain Python results."""
+"""A small typed client over the generated stubs, returning plain Python results.
+
+`RateLimitClient` (blocking) and `AsyncRateLimitClient` (asyncio) keep one channel open for
+all their calls; every call has a deadline; TLS and mTLS through `TlsOptions`.
+"""
 
 from __future__ import annotations
 
@@ -126,3 +130,37 @@ class RateLimitClient:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+class AsyncRateLimitClient:
+    """The asyncio twin of RateLimitClient (grpc.aio); use `async with`."""
+
+    def __init__(self, target: str, *, timeout_s: float = 1.0, tls: TlsOptions | None = None) -> None:
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=tls.channel_options())
+        self._stub = rls_pb2_grpc.RateLimitServiceStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def should_rate_limit(
+        self,
+        domain: str,
+        descriptors: Sequence[Descriptor],
+        *,
+        hits_addend: int = 0,
+        timeout: float | None = None,
+    ) -> Result:
+        response = await self._stub.ShouldRateLimit(
+            build_request(domain, descriptors, hits_addend), timeout=timeout or self._timeout_s
+        )
+        return result_from_response(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRateLimitClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
