@@ -13,7 +13,7 @@ import enum
 import time
 from typing import Callable, Sequence
 
-from ratelimit.limiter.types import Backend, BackendError, CounterRequest, Decision
+from ratelimit.limiter.types import Backend, BackendError, CounterRequest, Decision, WrappingBackend
 
 
 class CircuitState(enum.Enum):
@@ -22,7 +22,7 @@ class CircuitState(enum.Enum):
     HALF_OPEN = "half_open"
 
 
-class CircuitBreaker(Backend):
+class CircuitBreaker(WrappingBackend):
     def __init__(
         self,
         inner: Backend,
@@ -31,7 +31,7 @@ class CircuitBreaker(Backend):
         cooldown_s: float = 0.5,
         clock_s: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._failure_threshold = failure_threshold
         self._cooldown_s = cooldown_s
         self._clock_s = clock_s
@@ -76,12 +76,3 @@ class CircuitBreaker(Backend):
         self._probing = False
         self._failures = 0
         self.state = CircuitState.CLOSED
-
-    async def ping(self) -> None:
-        await self._inner.ping()
-
-    async def prepare(self) -> None:
-        await self._inner.prepare()
-
-    async def close(self) -> None:
-        await self._inner.close()

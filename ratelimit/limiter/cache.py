@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from ratelimit.limiter.types import Backend, CounterRequest, CounterResult, Decision, Role
+from ratelimit.limiter.types import Backend, CounterRequest, CounterResult, Decision, Role, WrappingBackend
 
 CacheKey = tuple[str, int]  # (counter key, limit): an override with another limit is another entry
 
 
-class OverLimitCache(Backend):
+class OverLimitCache(WrappingBackend):
     def __init__(
         self,
         inner: Backend,
@@ -27,7 +27,7 @@ class OverLimitCache(Backend):
         max_entries: int = 100_000,
         clock_s: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._max_entries = max_entries
         self._clock_s = clock_s
         self._full_until: dict[CacheKey, float] = {}
@@ -78,15 +78,6 @@ class OverLimitCache(Backend):
 
     def __len__(self) -> int:
         return len(self._full_until)
-
-    async def ping(self) -> None:
-        await self._inner.ping()
-
-    async def prepare(self) -> None:
-        await self._inner.prepare()
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def _cacheable(request: CounterRequest) -> bool:

@@ -100,3 +100,19 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+class WrappingBackend(Backend):
+    """A backend in front of another (cache, circuit breaker): the rest is delegated."""
+
+    def __init__(self, inner: Backend) -> None:
+        self._inner = inner
+
+    async def ping(self) -> None:
+        await self._inner.ping()
+
+    async def prepare(self) -> None:
+        await self._inner.prepare()
+
+    async def close(self) -> None:
+        await self._inner.close()
