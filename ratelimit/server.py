@@ -69,8 +69,9 @@ def _status_to_proto(status: DescriptorStatus) -> rls_pb2.RateLimitResponse.Desc
 
 
 def _duration(milliseconds: int) -> Duration:
-    seconds, remainder = divmod(max(milliseconds, 0), 1000)
-    return Duration(seconds=seconds, nanos=remainder * 1_000_000)
+    # Whole seconds, rounded up: Envoy's X-RateLimit-Reset header shows only the seconds
+    # field, and a client that waits what it shows must find room (the limiter's promise).
+    return Duration(seconds=-(-max(milliseconds, 0) // 1000))
 
 
 def decision_to_proto(decision: RateLimitDecision) -> rls_pb2.RateLimitResponse:
@@ -144,12 +145,15 @@ class RateLimitServer:
             self._server,
         )
         address = f"{host}:{port}"
-        if tls is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, server_credentials(tls))
+        try:
+            if tls is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, server_credentials(tls))
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            raise OSError(f"cannot bind the gRPC port {address} (in use?)") from exc
         if self.port == 0:
-            raise OSError(f"cannot bind the gRPC port {host}:{port}")
+            raise OSError(f"cannot bind the gRPC port {address}")
 
     async def start(self) -> None:
         await self._server.start()

@@ -262,3 +262,15 @@ def test_health_reports_backend_and_config_state_without_failing_the_rls_service
     assert "ratelimit_backend_circuit_open 1.0" in body
     assert 'ratelimit_backend_errors_total{kind="circuit_open"}' in body
     assert "ratelimit_config_healthy 0.0" in body
+
+
+def test_a_taken_grpc_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    with running_replica(tmp_path, [SERVICE_YAML]) as replica:
+        done = subprocess.run(
+            [sys.executable, "-m", "ratelimit", "serve", "--config", str(SERVICE_YAML), "--backend", "memory",
+             "--grpc-host", "127.0.0.1", "--grpc-port", str(replica.grpc_port), "--metrics-port", "0"],
+            capture_output=True, text=True, timeout=30, cwd=PROJECT_ROOT,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert f"cannot bind the gRPC port 127.0.0.1:{replica.grpc_port}" in done.stderr
+    assert "Traceback" not in done.stderr

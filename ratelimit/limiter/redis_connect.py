@@ -17,7 +17,9 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -68,6 +70,9 @@ def make_client(url: str, *, timeout_s: float, max_connections: int, options: Ma
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "decode_responses": False,
+        # No retries inside the client: a failed call fails within its timeout, and the
+        # circuit breaker and failure mode decide what happens next.
+        "retry": Retry(NoBackoff(), 0),
     }
     if target.kind == "single":
         # A blocking pool: a burst waits for a free connection (within the call's timeout)
