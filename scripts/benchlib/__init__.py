@@ -1,0 +1,1 @@
+"""The code behind `scripts/bench` (benchmark) and `scripts/loadgen` (load generator)."""

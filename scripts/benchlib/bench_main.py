@@ -1,0 +1,150 @@
+"""`scripts/bench`: this project's server against a no-op ceiling, a naive baseline and `limits`.
+
+One run starts its own redis-server and every server on free loopback ports, drives them
+from separate load processes at one concurrency, and prints what each contender reached.
+The README's "Benchmark" section says what every column counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchlib import report
+from benchlib.procs import PROJECT_ROOT, require
+from benchlib.runner import Bench, Options, attach_ratios
+from benchlib.servers import HEADLINE, PLAN
+from benchlib.workload import SCENARIOS
+from tests.support.processes import running_redis
+
+# Under a saturating closed loop, a call waits its turn on the server's event loop for tens of
+# milliseconds; with the service's 15 ms Redis timeout that turns into UNAVAILABLE answers (and
+# an open circuit breaker) instead of a throughput figure.
+REDIS_TIMEOUT_MS = 250.0
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Benchmark the rate limit server against a no-op gRPC ceiling, a naive one-EVALSHA-per-descriptor "
+        "server and the `limits` library, on a redis-server of its own (loopback only). Writes bench.json and "
+        "bench.png to --out-dir.",
+    )
+    parser.add_argument("--quick", action="store_true", help="one short round, fewer rows (about a minute)")
+    parser.add_argument("--profile", action="store_true", help="profile the server (py-spy) in an extra 1-desc phase")
+    parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "bench-results", help="default bench-results/")
+    parser.add_argument("--load-processes", type=int, default=2, help="load generator processes (default 2)")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per load process (default 32)")
+    parser.add_argument("--rounds", type=int, help="closed-loop rounds per row, interleaved (default 4, quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds measured per phase (default 1.25, quick 1)")
+    parser.add_argument("--warmup", type=float, default=0.3, help="seconds of load before measuring (default 0.3)")
+    parser.add_argument(
+        "--redis-timeout-ms",
+        type=float,
+        default=REDIS_TIMEOUT_MS,
+        help=f"the project servers' --redis-timeout-ms (default {REDIS_TIMEOUT_MS:g}: saturation shows as latency, "
+        "not as UNAVAILABLE; 0 keeps the server's own default)",
+    )
+    args = parser.parse_args(argv)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 4)
+    duration = args.duration if args.duration is not None else (1.0 if args.quick else 1.25)
+    if not 1 <= args.load_processes <= 16 or not 1 <= args.concurrency <= 1024:
+        parser.error("--load-processes must be 1..16 and --concurrency 1..1024")
+    if not 1 <= rounds <= 10 or not 0.5 <= duration <= 30 or not 0 <= args.warmup <= 10:
+        parser.error("--rounds must be 1..10, --duration 0.5..30 s and --warmup 0..10 s")
+    return Options(
+        out_dir=args.out_dir,
+        load_processes=args.load_processes,
+        concurrency=args.concurrency,
+        rounds=rounds,
+        warmup_s=args.warmup,
+        duration_s=duration,
+        sweep_s=1.0 if args.quick else 3.0,
+        library_s=1.5 if args.quick else 3.0,
+        quick=args.quick,
+        profile=args.profile,
+        redis_timeout_ms=args.redis_timeout_ms or None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    require("matplotlib", "limits", "uvloop")
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work, running_redis() as redis_server:
+        bench = Bench(options, redis_server.url, Path(work))
+        try:
+            bench.log(
+                f"{os.cpu_count()} cores; load: {options.load_processes} processes x {options.concurrency} in flight"
+            )
+            bench.start_servers(PLAN)
+            bench.closed_loop()
+            bench.open_loop()
+            if options.profile:
+                bench.profiled(HEADLINE)
+            bench.library_comparison()
+        finally:
+            bench.close()
+    attach_ratios(bench)
+    found = report.targets(bench.closed, bench.sweep, bench.library, HEADLINE)
+    print(summary_text(bench, found))
+    report.write_json(options.out_dir / "bench.json", json_document(bench, found))
+    report.draw_chart(options.out_dir / "bench.png", bench.closed, bench.sweep)
+    print(f"\nwrote {options.out_dir / 'bench.json'} and {options.out_dir / 'bench.png'}")
+    return 0
+
+
+def summary_text(bench: Bench, found: list[report.Target]) -> str:
+    options = bench.options
+    timeout = "their default Redis timeout"
+    if options.redis_timeout_ms:
+        timeout = f"--redis-timeout-ms {options.redis_timeout_ms:g}"
+    parts = [
+        f"\nClosed loop: {options.load_processes} load processes x {options.concurrency} calls in flight "
+        f"= {bench.in_flight}; {options.rounds} round(s) of {options.duration_s:g} s per row (after "
+        f"{options.warmup_s:g} s warm-up each), rows interleaved, req/s the median of the rounds; "
+        f"{os.cpu_count()} cores shared by the servers, the load processes and Redis. Latencies include failed "
+        f"calls; req/s counts answered calls only. Project servers run with {timeout}.",
+        report.closed_table(bench.closed),
+        "\nOpen loop, 1 descriptor, offered at 25/50/75/100% of each contender's closed-loop peak "
+        "(latency from the instant each call was due):",
+        report.open_table(bench.sweep),
+        f"\nOne process, no gRPC: decisions/s on the same Redis ({options.library_s:g} s each):",
+        report.library_table(bench.library),
+        "\nTargets:",
+        *(target.line() for target in found),
+    ]
+    if bench.profile_summary:
+        parts += ["\nServer profile (project, 1 desc):", "\n".join(bench.profile_summary.splitlines()[:20])]
+    if bench.notes:
+        parts += ["\nNotes:", *(f"- {note}" for note in bench.notes)]
+    return "\n".join(parts)
+
+
+def json_document(bench: Bench, found: list[report.Target]) -> dict[str, Any]:
+    return {
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpc": grpc.__version__,
+            "redis": bench.redis_version,
+        },
+        "options": {key: str(value) for key, value in vars(bench.options).items()},
+        "serve_flags_used": sorted(bench.flags & {"redis-batching", "over-limit-cache", "workers", "event-loop"}),
+        "scenarios": SCENARIOS,
+        "closed_loop": [m.to_json() for m in bench.closed],
+        "open_loop": [m.to_json() for m in bench.sweep],
+        "library": [
+            {"contender": r.contender, "concurrency": r.concurrency, "decisions_per_s": r.per_second}
+            for r in bench.library
+        ],
+        "targets": [{"name": t.name, "passed": t.passed, "detail": t.detail} for t in found],
+        "notes": bench.notes,
+        "profile": bench.profile_summary,
+    }

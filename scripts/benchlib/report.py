@@ -1,0 +1,217 @@
+"""The benchmark's outputs: the printed tables and targets, bench.json and bench.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchlib.libcompare import LibraryResult
+from benchlib.phases import Measurement
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    passed: bool | None  # None: not measured in this run
+    detail: str
+
+    def line(self) -> str:
+        verdict = "----" if self.passed is None else ("PASS" if self.passed else "MISS")
+        return f"{verdict}  {self.name}: {self.detail}"
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+CLOSED_COLUMNS = (
+    ("contender", 9, "<"),
+    ("variant", 13, "<"),
+    ("scenario", 10, "<"),
+    ("req/s", 8, ">"),
+    ("p50 ms", 7, ">"),
+    ("p99 ms", 7, ">"),
+    ("p99.9 ms", 8, ">"),
+    ("srv us/req", 10, ">"),
+    ("srv cores", 9, ">"),
+    ("load cores", 10, ">"),
+    ("evalsha/req", 11, ">"),
+    ("reads/req", 9, ">"),
+    ("redis us/req", 12, ">"),
+    ("over", 5, ">"),
+    ("errors", 6, ">"),
+    ("x ceiling", 9, ">"),
+    ("x naive", 7, ">"),
+)
+
+
+def _row(cells: Sequence[str], columns: Sequence[tuple[str, int, str]]) -> str:
+    return "  ".join(f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, columns))
+
+
+def closed_table(rows: Sequence[Measurement]) -> str:
+    lines = [_row([name for name, _, _ in CLOSED_COLUMNS], CLOSED_COLUMNS)]
+    for m in rows:
+        lines.append(
+            _row(
+                [
+                    m.contender,
+                    m.variant,
+                    m.scenario,
+                    _number(m.requests_per_s, 0),
+                    _number(m.p50_ms, 2),
+                    _number(m.p99_ms, 2),
+                    _number(m.p999_ms, 2),
+                    _number(m.server_cpu_us_per_request, 0),
+                    _number(m.server_cores, 2),
+                    _number(m.load_cores, 2),
+                    _number(m.evalsha_per_request, 3),
+                    _number(m.redis_reads_per_request, 3),
+                    _number(m.redis_cpu_us_per_request, 0),
+                    f"{100 * m.over_limit_share:.0f}%",
+                    str(sum(m.errors.values())),
+                    _ratio(m.versus_ceiling),
+                    _ratio(m.versus_naive),
+                ],
+                CLOSED_COLUMNS,
+            )
+        )
+    return "\n".join(lines)
+
+
+def open_table(rows: Sequence[Measurement]) -> str:
+    lines = [
+        f"{'contender':<9}  {'offered/s':>9}  {'done/s':>8}  {'p50 ms':>7}  {'p99 ms':>8}  {'p99.9 ms':>8}  "
+        f"{'srv cores':>9}  {'load cores':>10}  {'dropped':>7}  {'errors':>6}"
+    ]
+    for m in rows:
+        lines.append(
+            f"{m.contender:<9}  {_number(m.offered_rate, 0):>9}  {_number(m.requests_per_s, 0):>8}  "
+            f"{_number(m.p50_ms, 2):>7}  {_number(m.p99_ms, 2):>8}  {_number(m.p999_ms, 2):>8}  "
+            f"{_number(m.server_cores, 2):>9}  {_number(m.load_cores, 2):>10}  "
+            f"{m.dropped:>7}  {sum(m.errors.values()):>6}"
+        )
+    return "\n".join(lines)
+
+
+def library_table(results: Sequence[LibraryResult]) -> str:
+    by_concurrency = {r.concurrency: r for r in results if r.contender == "limits"}
+    lines = [f"{'contender':<32}  {'concurrency':>11}  {'decisions/s':>11}  {'x limits':>8}"]
+    for r in results:
+        reference = by_concurrency.get(r.concurrency)
+        ratio = r.per_second / reference.per_second if reference and reference.decisions else None
+        lines.append(f"{r.contender:<32}  {r.concurrency:>11}  {r.per_second:>11,.0f}  {_ratio(ratio):>8}")
+    return "\n".join(lines)
+
+
+def find(rows: Sequence[Measurement], contender: str, variant: str, scenario: str = "1 desc") -> Measurement | None:
+    for m in rows:
+        if (m.contender, m.variant, m.scenario) == (contender, variant, scenario):
+            return m
+    return None
+
+
+def _cpu(ours: Measurement, theirs: Measurement) -> str:
+    """The same comparison by server CPU per request: steadier than req/s on a shared machine."""
+    ratio = theirs.server_cpu_us_per_request / ours.server_cpu_us_per_request
+    return (
+        f"; by server CPU per request {theirs.server_cpu_us_per_request:,.0f} / "
+        f"{ours.server_cpu_us_per_request:,.0f} us = {ratio:.2f}x"
+    )
+
+
+def targets(
+    closed: Sequence[Measurement],
+    sweep: Sequence[Measurement],
+    library: Sequence[LibraryResult],
+    headline: str,
+) -> list[Target]:
+    ceiling = find(closed, "ceiling", "asyncio")
+    naive = find(closed, "naive", "asyncio")
+    one = find(closed, "project", headline)
+    four = find(closed, "project", headline, "4 desc")
+    found: list[Target] = []
+    if one and ceiling:
+        ratio = one.requests_per_s / ceiling.requests_per_s
+        detail = f"{one.requests_per_s:,.0f} / {ceiling.requests_per_s:,.0f} req/s = {ratio:.2f}x" + _cpu(one, ceiling)
+        found.append(Target("project >= 0.85 x ceiling (1 desc, req/s)", ratio >= 0.85, detail))
+    if one and naive:
+        ratio = one.requests_per_s / naive.requests_per_s
+        detail = f"{one.requests_per_s:,.0f} / {naive.requests_per_s:,.0f} req/s = {ratio:.2f}x" + _cpu(one, naive)
+        found.append(Target("project >= 2 x naive (1 desc, req/s)", ratio >= 2.0, detail))
+    if one and four:
+        cost = one.requests_per_s / four.requests_per_s
+        cpu = four.server_cpu_us_per_request / one.server_cpu_us_per_request
+        detail = (
+            f"time per request (1/throughput) {cost:.2f}x of one descriptor's "
+            f"({four.requests_per_s:,.0f} vs {one.requests_per_s:,.0f} req/s); server CPU per request {cpu:.2f}x"
+        )
+        found.append(Target("4 descriptors cost <= 1.3 x one", cost <= 1.3, detail))
+    half = [m for m in sweep if m.contender == "project" and m.offered_rate and one]
+    if half and one:
+        point = min(half, key=lambda m: abs((m.offered_rate or 0) - one.requests_per_s / 2))
+        detail = f"p99 {point.p99_ms:.2f} ms at {point.offered_rate:,.0f} req/s offered (open loop)"
+        found.append(Target("p99 <= 5 ms at half of project's peak rate", point.p99_ms <= 5.0, detail))
+    limits_best = max((r.per_second for r in library if r.contender == "limits" and r.concurrency > 1), default=0.0)
+    ours = max((r.per_second for r in library if r.contender == "project limiter" and r.concurrency > 1), default=0.0)
+    if limits_best and ours:
+        ratio = ours / limits_best
+        detail = f"{ours:,.0f} / {limits_best:,.0f} decisions/s = {ratio:.2f}x (one process, no gRPC)"
+        found.append(Target("project limiter >= 1.5 x limits library", ratio >= 1.5, detail))
+    return found
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def draw_chart(path: Path, closed: Sequence[Measurement], sweep: Sequence[Measurement]) -> None:
+    """p99 against offered rate per contender (open-loop sweep), and every closed-loop row's throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [1, 1.2]})
+    colours = {"ceiling": "tab:gray", "project": "tab:blue", "naive": "tab:red"}
+    for contender, colour in colours.items():
+        points = sorted((m for m in sweep if m.contender == contender), key=lambda m: m.offered_rate or 0.0)
+        if points:
+            curves.plot(
+                [m.offered_rate or 0.0 for m in points],
+                [m.p99_ms for m in points],
+                marker="o",
+                color=colour,
+                label=f"{contender} (open loop)",
+            )
+        peak = next((m for m in closed if m.contender == contender and m.scenario == "1 desc"), None)
+        if peak:
+            curves.scatter([peak.requests_per_s], [peak.p99_ms], marker="x", s=80, color=colour)
+    curves.axhline(5.0, linestyle=":", color="black", linewidth=1, label="5 ms")
+    curves.set_yscale("log")
+    curves.set_xlabel("offered rate (requests/s; x: closed-loop peak throughput)")
+    curves.set_ylabel("p99 latency (ms, log)")
+    curves.set_title("p99 latency against load, 1 descriptor (open loop)")
+    curves.grid(True, which="both", alpha=0.3)
+    curves.legend()
+
+    labels = [f"{m.contender} {m.variant} / {m.scenario}" for m in closed]
+    values = [m.requests_per_s for m in closed]
+    bars.barh(range(len(closed)), values, color=[colours.get(m.contender, "tab:green") for m in closed])
+    bars.set_yticks(range(len(closed)), labels, fontsize=8)
+    bars.invert_yaxis()
+    bars.set_xlabel("closed-loop throughput (requests/s)")
+    bars.set_title("closed loop, same concurrency")
+    bars.grid(True, axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,223 @@
+"""Runs the whole benchmark: starts every server at once, then measures in interleaved rounds.
+
+All servers stay up for the run and the closed-loop rows are measured round-robin, each
+row once per round, so a slow spell of a shared machine spreads over every contender
+instead of landing on one of them; each row pools its rounds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from benchlib import libcompare
+from benchlib.phases import LoadPool, LoadShape, Measurement, Sample, run_phase
+from benchlib.procs import start_server, stop_process, wait_ready
+from benchlib.profiling import Profiler
+from benchlib.servers import ServerSpec, command_line, missing_flags, serve_flags
+from benchlib.workload import write_config
+from tests.support.processes import free_port
+
+SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class Options:
+    out_dir: Path
+    load_processes: int
+    concurrency: int
+    rounds: int
+    warmup_s: float
+    duration_s: float
+    sweep_s: float
+    library_s: float
+    quick: bool
+    profile: bool
+    redis_timeout_ms: float | None
+
+
+@dataclass
+class RunningServer:
+    spec: ServerSpec
+    process: subprocess.Popen[bytes]
+    target: str
+    log_path: Path
+
+
+class Bench:
+    def __init__(self, options: Options, redis_url: str, work_dir: Path) -> None:
+        self.options = options
+        self.redis_url = redis_url
+        self.redis = redis.Redis.from_url(redis_url)
+        self.redis_version = str(self.redis.info("server")["redis_version"])
+        self.work_dir = work_dir
+        self.config = write_config(work_dir)
+        self.flags = serve_flags()
+        self.closed: list[Measurement] = []
+        self.sweep: list[Measurement] = []
+        self.library: list[libcompare.LibraryResult] = []
+        self.notes: list[str] = []
+        self.profile_summary: str | None = None
+        self.started = time.monotonic()
+        self.phases_run = 0
+        self.pool = LoadPool(options.load_processes)
+        self.servers: list[RunningServer] = []
+
+    def log(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    @property
+    def in_flight(self) -> int:
+        return self.options.load_processes * self.options.concurrency
+
+    def start_servers(self, specs: tuple[ServerSpec, ...]) -> None:
+        """Start every server at once (they start faster together), then wait for each."""
+        starting = []
+        for spec in specs:
+            missing = missing_flags(spec, self.flags)
+            if missing:
+                self.note(f"skipped {spec.name}: `ratelimit serve` has no --{', --'.join(missing)}")
+                continue
+            port = free_port()
+            command = command_line(spec, port, self.redis_url, self.config, self.flags, self.options.redis_timeout_ms)
+            log_path = self.work_dir / f"{spec.name.replace(' ', '-')}.log"
+            starting.append(RunningServer(spec, start_server(command, log_path), f"127.0.0.1:{port}", log_path))
+        for server in starting:
+            try:
+                wait_ready(server.process, server.target, server.spec.workers)
+            except (RuntimeError, TimeoutError) as exc:
+                log_tail = server.log_path.read_text(errors="replace")[-600:]
+                self.note(f"{server.spec.name} did not start: {exc}\n{log_tail}")
+                stop_process(server.process)
+                continue
+            self.servers.append(server)
+        self.log(f"{len(self.servers)} servers up")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.log(text)
+
+    def sample(self, server: RunningServer, scenario: str, shape: LoadShape, rate: float | None = None) -> Sample:
+        self.phases_run += 1
+        return run_phase(
+            self.pool,
+            self.redis,
+            server.process.pid,
+            target=server.target,
+            scenario=scenario,
+            shape=shape,
+            salt=f"{os.getpid()}-{self.phases_run}",
+            rate=rate,
+        )
+
+    def closed_loop(self) -> None:
+        shape = LoadShape(self.options.concurrency, self.options.warmup_s, self.options.duration_s)
+        rows = [
+            (server, scenario)
+            for server in self.servers
+            for scenario in (server.spec.quick_scenarios if self.options.quick else server.spec.scenarios)
+        ]
+        samples: dict[int, list[Sample]] = {index: [] for index in range(len(rows))}
+        for round_number in range(1, self.options.rounds + 1):
+            for index, (server, scenario) in enumerate(rows):
+                sample = self.sample(server, scenario, shape)
+                samples[index].append(sample)
+                done = sum(result.completed for result in sample.results) / sample.duration_s
+                self.log(f"round {round_number}: {server.spec.name} / {scenario}: {done:,.0f} req/s")
+        for index, (server, scenario) in enumerate(rows):
+            labels = (server.spec.contender, server.spec.variant, scenario)
+            self.closed.append(Measurement.pooled(labels, samples[index], self.in_flight))
+
+    def open_loop(self) -> None:
+        """Per contender, 1 descriptor at fractions of its own closed-loop peak."""
+        shape = LoadShape(self.options.concurrency, 0.5, self.options.sweep_s)
+        for server in self.servers:
+            spec = server.spec
+            peak = next(
+                (
+                    m
+                    for m in self.closed
+                    if (m.contender, m.variant, m.scenario) == (spec.contender, spec.variant, "1 desc")
+                ),
+                None,
+            )
+            if not spec.sweep or peak is None or peak.requests_per_s <= 0:
+                continue
+            for fraction in SWEEP_FRACTIONS:
+                rate = peak.requests_per_s * fraction
+                measured = Measurement.pooled(
+                    (spec.contender, spec.variant, "1 desc"), [self.sample(server, "1 desc", shape, rate)], 0, rate
+                )
+                self.sweep.append(measured)
+                self.log(
+                    f"open loop {spec.name}: {rate:,.0f}/s offered, {measured.requests_per_s:,.0f}/s done, "
+                    f"p99 {measured.p99_ms:.2f} ms"
+                )
+
+    def profiled(self, variant: str) -> None:
+        """An extra 1-desc phase under py-spy; its numbers stay out of the table (py-spy slows the server)."""
+        server = next((s for s in self.servers if (s.spec.contender, s.spec.variant) == ("project", variant)), None)
+        if server is None:
+            return
+        shape = LoadShape(self.options.concurrency, 0.5, max(self.options.duration_s, 3.0))
+        profiler = Profiler(server.process.pid, shape.warmup_s + shape.duration_s, self.options.out_dir)
+        if profiler.error:
+            self.note(f"profile: {profiler.error}")
+            return
+        sample = self.sample(server, "1 desc", shape)
+        self.profile_summary = profiler.finish()
+        if profiler.error:
+            self.note(f"profile: {profiler.error}")
+            return
+        done = sum(result.completed for result in sample.results) / sample.duration_s
+        self.note(
+            f"profiled phase (project {variant}, 1 desc, py-spy attached; not in the table): {done:,.0f} req/s; "
+            f"flame graph {profiler.svg}, top functions {profiler.text}"
+        )
+
+    def library_comparison(self) -> None:
+        concurrency = self.in_flight
+        runs = [("limits", 1), ("project", 1), ("limits", concurrency), ("project", concurrency)]
+        runs.append(("project-unbatched", concurrency))
+        context = multiprocessing.get_context("spawn")
+        for contender, callers in runs:
+            # A fresh process per measurement: nothing warmed up or left over from the last one.
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as executor:
+                future = executor.submit(
+                    libcompare.measure, contender, self.redis_url, callers, 0.5, self.options.library_s
+                )
+                result = future.result(timeout=self.options.library_s + 60)
+            self.log(f"{result.contender}, {callers} concurrent: {result.per_second:,.0f} decisions/s")
+            self.library.append(result)
+
+    def close(self) -> None:
+        for server in self.servers:
+            stop_process(server.process)
+        self.pool.close()
+        self.redis.close()
+
+
+def attach_ratios(bench: Bench) -> None:
+    ceiling_variant = {(s.spec.contender, s.spec.variant): s.spec.ceiling_variant for s in bench.servers}
+
+    def find(contender: str, variant: str, scenario: str) -> Measurement | None:
+        return next(
+            (m for m in bench.closed if (m.contender, m.variant, m.scenario) == (contender, variant, scenario)), None
+        )
+
+    for m in bench.closed:
+        variant = ceiling_variant.get((m.contender, m.variant), "asyncio")
+        ceiling = find("ceiling", variant, m.scenario) or find("ceiling", variant, "1 desc")
+        naive = find("naive", "asyncio", m.scenario)
+        if ceiling and ceiling.requests_per_s and m.contender != "ceiling":
+            m.versus_ceiling = m.requests_per_s / ceiling.requests_per_s
+        if naive and naive.requests_per_s and m.contender == "project":
+            m.versus_naive = m.requests_per_s / naive.requests_per_s

@@ -1,0 +1,128 @@
+"""The contenders' servers: their command lines, which optional `serve` flags exist, the plan."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchlib.procs import PROJECT_ROOT, python_command
+
+# The optimisation flags each row sets; a build without one of them skips the rows that need it.
+OPTIMISATION_FLAGS = ("redis-batching", "over-limit-cache", "workers", "event-loop")
+HEADLINE = "batch+cache"
+ALL_SCENARIOS = ("1 desc", "4 desc", "hot key", "100k keys")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server configuration: a contender and the flags of one variant."""
+
+    contender: str  # "ceiling", "naive" or "project"
+    variant: str  # short label, e.g. "batching off"
+    batching: bool = True
+    over_limit_cache: bool = True
+    workers: int = 1
+    event_loop: str = "asyncio"
+    scenarios: tuple[str, ...] = ("1 desc",)
+    quick_scenarios: tuple[str, ...] = ("1 desc",)
+    sweep: bool = False  # also run the open-loop sweep (1 desc) on this server
+    needs: tuple[str, ...] = ()  # serve flags this variant depends on
+
+    @property
+    def name(self) -> str:
+        return f"{self.contender} {self.variant}"
+
+    @property
+    def ceiling_variant(self) -> str:
+        """The ceiling variant with the same process model, for the "x ceiling" ratio."""
+        if self.workers > 1:
+            return "2 workers"
+        return "uvloop" if self.event_loop == "uvloop" else "asyncio"
+
+
+PLAN = (
+    ServerSpec("ceiling", "asyncio", scenarios=("1 desc", "4 desc"), sweep=True),
+    ServerSpec("naive", "asyncio", scenarios=ALL_SCENARIOS, quick_scenarios=("1 desc", "4 desc"), sweep=True),
+    ServerSpec("project", HEADLINE, scenarios=ALL_SCENARIOS, quick_scenarios=ALL_SCENARIOS, sweep=True),
+    ServerSpec("project", "batching off", batching=False, scenarios=("1 desc", "4 desc"), needs=("redis-batching",)),
+    ServerSpec(
+        "project",
+        "cache off",
+        over_limit_cache=False,
+        scenarios=("hot key",),
+        quick_scenarios=("hot key",),
+        needs=("over-limit-cache",),
+    ),
+    ServerSpec("ceiling", "uvloop", event_loop="uvloop"),
+    ServerSpec("project", "uvloop", event_loop="uvloop", needs=("event-loop",)),
+    ServerSpec("ceiling", "2 workers", workers=2),
+    ServerSpec("project", "2 workers", workers=2, needs=("workers",)),
+)
+
+
+def serve_flags() -> set[str]:
+    """The long options `ratelimit serve --help` lists."""
+    help_text = subprocess.run(
+        python_command("-m", "ratelimit", "serve", "--help"),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PROJECT_ROOT,
+    ).stdout
+    return set(re.findall(r"--([a-z][a-z0-9-]+)", help_text))
+
+
+def missing_flags(spec: ServerSpec, available: set[str]) -> list[str]:
+    return [flag for flag in spec.needs if flag not in available]
+
+
+def command_line(
+    spec: ServerSpec, port: int, redis_url: str, config: Path, available: set[str], redis_timeout_ms: float | None
+) -> list[str]:
+    if spec.contender != "project":
+        return python_command(
+            "-m",
+            "benchlib.baselines",
+            spec.contender,
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+            "--workers",
+            str(spec.workers),
+            "--event-loop",
+            spec.event_loop,
+        )
+    command = python_command(
+        "-m",
+        "ratelimit",
+        "serve",
+        "--config",
+        str(config),
+        "--redis-url",
+        redis_url,
+        "--grpc-host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--config-poll-s",
+        "0",
+        "--log-level",
+        "WARNING",
+    )
+    values = {
+        "redis-batching": str(spec.batching).lower(),
+        "over-limit-cache": str(spec.over_limit_cache).lower(),
+        "workers": str(spec.workers),
+        "event-loop": spec.event_loop,
+    }
+    for flag in OPTIMISATION_FLAGS:
+        if flag in available:
+            command += [f"--{flag}", values[flag]]
+    if redis_timeout_ms is not None:
+        command += ["--redis-timeout-ms", f"{redis_timeout_ms:g}"]
+    return command
