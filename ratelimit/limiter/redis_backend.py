@@ -18,6 +18,8 @@ from redis.asyncio.cluster import RedisCluster
 from ratelimit.limiter.redis_connect import make_client
 from ratelimit.limiter.types import Backend, BackendError, CounterRequest, CounterResult, Decision
 
+# Pipelines out at once; more requests queue and go together when one comes back.
+MAX_PIPELINES_IN_FLIGHT = 2
 SCRIPT_SOURCE = resources.files("ratelimit.limiter").joinpath("lua/evaluate.lua").read_text()
 
 
@@ -50,6 +52,7 @@ class RedisBackend(Backend):
         self._batching = batching and not isinstance(self._client, RedisCluster)
         self._pending: list[_Call] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._flush_scheduled = False
         self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
 
     async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
@@ -69,16 +72,30 @@ class RedisBackend(Backend):
 
     async def _batched(self, keys: list[str], args: list[Any]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
         self._pending.append(_Call(keys, args, future))
+        self._schedule_flush()
         return await future
 
+    def _schedule_flush(self) -> None:
+        # Send at the end of this loop turn (so requests that arrive together go together),
+        # unless enough pipelines are out: then the queue goes when one comes back. That
+        # is where batches form: grpc.aio hands over about one request per loop turn.
+        if self._pending and not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
         batch, self._pending = self._pending, []
+        if not batch:
+            return
         task = asyncio.create_task(self._execute(batch))
         self._flushes.add(task)  # keep a reference until done
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._schedule_flush()
 
     async def _execute(self, batch: list[_Call]) -> None:
         """Run one pipeline; every outcome lands on its caller's future, never in the loop."""
@@ -103,6 +120,12 @@ class RedisBackend(Backend):
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
         assert self._sha is not None  # loaded by the caller
         self.round_trips += 1
+        if len(batch) == 1:  # a plain call costs less than a pipeline of one
+            call = batch[0]
+            try:
+                return [await self._client.evalsha(self._sha, len(call.keys), *call.keys, *call.args)]
+            except redis_errors.NoScriptError as exc:
+                return [exc]
         pipe = self._client.pipeline(transaction=False)
         for call in batch:
             pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
@@ -122,7 +145,8 @@ class RedisBackend(Backend):
 
     async def _guarded(self, call: Any) -> Any:
         try:
-            return await asyncio.wait_for(call, self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):  # no extra task, unlike wait_for
+                return await call
         except (TimeoutError, redis_errors.TimeoutError) as exc:
             raise BackendError("timeout", f"redis did not answer within {self._timeout_s * 1000:g} ms") from exc
         except redis_errors.ConnectionError as exc:
