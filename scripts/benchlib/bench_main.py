@@ -1,13 +1,15 @@
 """`scripts/bench`: this project's server against a no-op ceiling, a naive baseline and `limits`.
 
-One run starts its own redis-server and every server on free loopback ports, drives them
-from separate load processes at one concurrency, and prints what each contender reached.
+One run starts its own redis-server, a 3-primary/3-replica Redis Cluster (for the cluster
+row) and every server on free loopback ports, drives them from separate load processes at
+one concurrency, and prints what each contender reached.
 The README's "Benchmark" section says what every column counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import tempfile
@@ -19,7 +21,7 @@ import grpc
 from benchlib import report
 from benchlib.procs import PROJECT_ROOT, require
 from benchlib.runner import Bench, Options, attach_ratios
-from benchlib.servers import HEADLINE, PLAN
+from benchlib.servers import CLUSTER, HEADLINE, PLAN
 from benchlib.workload import SCENARIOS
 from tests.support.processes import running_redis
 
@@ -33,8 +35,8 @@ def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         prog="scripts/bench",
         description="Benchmark the rate limit server against a no-op gRPC ceiling, a naive one-EVALSHA-per-descriptor "
-        "server and the `limits` library, on a redis-server of its own (loopback only). Writes bench.json and "
-        "bench.png to --out-dir.",
+        "server and the `limits` library, on a redis-server of its own, and the server on a 3-primary/3-replica "
+        "Redis Cluster (loopback only). Writes bench.json and bench.png to --out-dir.",
     )
     parser.add_argument("--quick", action="store_true", help="one short round, fewer rows (about a minute)")
     parser.add_argument("--profile", action="store_true", help="profile the server (py-spy) in an extra 1-desc phase")
@@ -77,12 +79,17 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     require("matplotlib", "limits", "uvloop")
     options.out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work, running_redis() as redis_server:
+    with (
+        tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work,
+        running_redis() as redis_server,
+        contextlib.ExitStack() as cluster_stack,
+    ):
         bench = Bench(options, redis_server.url, Path(work))
         try:
             bench.log(
                 f"{os.cpu_count()} cores; load: {options.load_processes} processes x {options.concurrency} in flight"
             )
+            bench.start_cluster(cluster_stack)
             bench.start_servers(PLAN)
             bench.closed_loop()
             bench.open_loop()
@@ -93,14 +100,22 @@ def main(argv: list[str] | None = None) -> int:
             bench.close()
     attach_ratios(bench)
     found = report.targets(bench.closed, bench.sweep, bench.library, HEADLINE)
-    print(summary_text(bench, found))
-    report.write_json(options.out_dir / "bench.json", json_document(bench, found))
+    cluster = cluster_comparison(bench)
+    print(summary_text(bench, found, cluster))
+    report.write_json(options.out_dir / "bench.json", json_document(bench, found, cluster))
     report.draw_chart(options.out_dir / "bench.png", bench.closed, bench.sweep)
     print(f"\nwrote {options.out_dir / 'bench.json'} and {options.out_dir / 'bench.png'}")
     return 0
 
 
-def summary_text(bench: Bench, found: list[report.Target]) -> str:
+def cluster_comparison(bench: Bench) -> report.ClusterComparison | None:
+    deployment = bench.deployments.get("cluster")
+    if deployment is None:
+        return None
+    return report.cluster_comparison(bench.closed, HEADLINE, CLUSTER, deployment.roles)
+
+
+def summary_text(bench: Bench, found: list[report.Target], cluster: report.ClusterComparison | None) -> str:
     options = bench.options
     timeout = "their default Redis timeout"
     if options.redis_timeout_ms:
@@ -112,6 +127,7 @@ def summary_text(bench: Bench, found: list[report.Target]) -> str:
         f"{os.cpu_count()} cores shared by the servers, the load processes and Redis. Latencies include failed "
         f"calls; req/s counts answered calls only. Project servers run with {timeout}.",
         report.closed_table(bench.closed),
+        *(["", *cluster.lines()] if cluster else []),
         "\nOpen loop, 1 descriptor, offered at 25/50/75/100% of each contender's closed-loop peak "
         "(latency from the instant each call was due):",
         report.open_table(bench.sweep),
@@ -127,7 +143,8 @@ def summary_text(bench: Bench, found: list[report.Target]) -> str:
     return "\n".join(parts)
 
 
-def json_document(bench: Bench, found: list[report.Target]) -> dict[str, Any]:
+def json_document(bench: Bench, found: list[report.Target], cluster: report.ClusterComparison | None) -> dict[str, Any]:
+    deployment = bench.deployments.get("cluster")
     return {
         "machine": {
             "cores": os.cpu_count(),
@@ -144,6 +161,14 @@ def json_document(bench: Bench, found: list[report.Target]) -> dict[str, Any]:
             {"contender": r.contender, "concurrency": r.concurrency, "decisions_per_s": r.per_second}
             for r in bench.library
         ],
+        "cluster": {
+            "row": f"project {CLUSTER}",
+            "nodes": [{"port": port, "role": role} for port, role in zip(deployment.ports, deployment.roles)],
+            "start_s": bench.cluster_start_s,
+            "comparison": cluster.to_json() if cluster else None,
+        }
+        if deployment
+        else None,
         "targets": [{"name": t.name, "passed": t.passed, "detail": t.detail} for t in found],
         "notes": bench.notes,
         "profile": bench.profile_summary,

@@ -2,9 +2,10 @@
 
 A phase is one server, one scenario and one load shape (closed loop at a concurrency, or
 open loop at a rate). The server's CPU time (every process of its tree, workers included),
-the load processes' CPU time and Redis's counters are read at the instants the workers
-start and stop counting, so everything is charged to the same window. A row of the
-results pools the samples of several phases (rounds) of the same server and scenario.
+the load processes' CPU time and Redis's counters (of every node, on a Redis Cluster) are
+read at the instants the workers start and stop counting, so everything is charged to the
+same window. A row of the results pools the samples of several phases (rounds) of the
+same server and scenario.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Sample:
     results: list[PhaseResult]
     server_cpu_s: float
     load_cpu_s: float
-    redis: RedisCounters
+    redis: RedisCounters  # summed over the nodes
+    redis_nodes: list[RedisCounters]  # by node, in the order of the clients the phase read
 
 
 @dataclass
@@ -66,7 +68,8 @@ class Measurement:
     server_cpu_us_per_request: float = 0.0
     server_cores: float = 0.0
     load_cores: float = 0.0
-    redis_cpu_us_per_request: float = 0.0
+    redis_cpu_us_per_request: float = 0.0  # summed over every Redis node (a cluster's replicas included)
+    redis_cpu_us_per_request_by_node: list[float] = field(default_factory=list)
     evalsha_per_request: float = 0.0
     redis_commands_per_request: float = 0.0
     redis_reads_per_request: float = 0.0
@@ -95,6 +98,7 @@ class Measurement:
         completed = sum(result.completed for result in results)
         per_request = 1.0 / completed if completed else float("nan")
         server_cpu = sum(sample.server_cpu_s for sample in samples)
+        nodes = min((len(sample.redis_nodes) for sample in samples), default=0)
         return cls(
             contender=contender,
             variant=variant,
@@ -116,6 +120,9 @@ class Measurement:
             server_cores=server_cpu / seconds,
             load_cores=sum(sample.load_cpu_s for sample in samples) / seconds,
             redis_cpu_us_per_request=sum(s.redis.cpu_s for s in samples) * 1e6 * per_request,
+            redis_cpu_us_per_request_by_node=[
+                sum(s.redis_nodes[node].cpu_s for s in samples) * 1e6 * per_request for node in range(nodes)
+            ],
             evalsha_per_request=sum(s.redis.evalsha_calls for s in samples) * per_request,
             redis_commands_per_request=sum(s.redis.commands for s in samples) * per_request,
             redis_reads_per_request=sum(s.redis.reads for s in samples) * per_request,
@@ -186,7 +193,7 @@ class LoadPool:
 
 def run_phase(
     pool: LoadPool,
-    redis_client: redis.Redis,
+    redis_clients: Sequence[redis.Redis],
     server_pid: int,
     *,
     target: str,
@@ -217,9 +224,16 @@ def run_phase(
     server_pids = process_tree(server_pid)
     time.sleep(max(0.0, measure_from - time.monotonic()))
     server_before, load_before = cpu_seconds(server_pids), cpu_seconds(pool.pids)
-    redis_before = RedisCounters.read(redis_client)
+    redis_before = [RedisCounters.read(client) for client in redis_clients]
     time.sleep(max(0.0, measure_to - time.monotonic()))
     server_after, load_after = cpu_seconds(server_pids), cpu_seconds(pool.pids)
-    redis_delta = RedisCounters.read(redis_client).minus(redis_before)
+    redis_nodes = [RedisCounters.read(client).minus(before) for client, before in zip(redis_clients, redis_before)]
     results = pool.receive(timeout_s=shape.duration_s + 30)
-    return Sample(shape.duration_s, results, server_after - server_before, load_after - load_before, redis_delta)
+    return Sample(
+        shape.duration_s,
+        results,
+        server_after - server_before,
+        load_after - load_before,
+        RedisCounters.total(redis_nodes),
+        redis_nodes,
+    )

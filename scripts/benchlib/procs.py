@@ -102,12 +102,12 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> N
 
 @dataclass(frozen=True)
 class RedisCounters:
-    """A snapshot of the Redis counters a phase is charged with."""
+    """A snapshot of the Redis counters a phase is charged with (of one node, or summed over nodes)."""
 
     evalsha_calls: int
     commands: int  # total_commands_processed
     reads: int  # total_reads_processed: socket reads, one per client round trip or pipeline
-    cpu_s: float  # used_cpu_user + used_cpu_sys of the redis-server process
+    cpu_s: float  # used_cpu_user + used_cpu_sys of the redis-server process(es)
 
     @classmethod
     def read(cls, client: redis.Redis) -> RedisCounters:
@@ -128,6 +128,16 @@ class RedisCounters:
             commands=self.commands - earlier.commands - 3,
             reads=self.reads - earlier.reads - 3,
             cpu_s=self.cpu_s - earlier.cpu_s,
+        )
+
+    @classmethod
+    def total(cls, parts: Sequence[RedisCounters]) -> RedisCounters:
+        """The counters of several nodes (a Redis Cluster's) added up."""
+        return cls(
+            evalsha_calls=sum(part.evalsha_calls for part in parts),
+            commands=sum(part.commands for part in parts),
+            reads=sum(part.reads for part in parts),
+            cpu_s=sum(part.cpu_s for part in parts),
         )
 
 

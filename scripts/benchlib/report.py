@@ -170,6 +170,80 @@ def targets(
     return found
 
 
+@dataclass(frozen=True)
+class ClusterComparison:
+    """The project's server on one Redis against the same server on a Redis Cluster (1 desc)."""
+
+    single: Measurement
+    cluster: Measurement
+    roles: list[str]  # the cluster's nodes, in the order of `cluster.redis_cpu_us_per_request_by_node`
+    unbatched: Measurement | None  # one Redis, batching off: one EVALSHA per request, as on a cluster
+
+    def _cpu_by_role(self, role: str) -> float:
+        by_node = zip(self.roles, self.cluster.redis_cpu_us_per_request_by_node)
+        return sum(value for node_role, value in by_node if node_role == role)
+
+    def lines(self) -> list[str]:
+        single, cluster = self.single, self.cluster
+        nodes = self.cluster.redis_cpu_us_per_request_by_node
+        busiest = max(nodes, default=float("nan"))
+        lines = [
+            f"Single Redis vs Redis Cluster ({single.contender} {single.variant} flags, {single.scenario}): "
+            f"{single.requests_per_s:,.0f} vs {cluster.requests_per_s:,.0f} req/s = "
+            f"{_ratio(_divide(cluster.requests_per_s, single.requests_per_s))}; Redis CPU per decision "
+            f"{_number(single.redis_cpu_us_per_request)} vs {_number(cluster.redis_cpu_us_per_request)} us = "
+            f"{_ratio(_divide(cluster.redis_cpu_us_per_request, single.redis_cpu_us_per_request))}",
+            f"  cluster: the sum over its {len(nodes)} nodes ({self.roles.count('primary')} primaries "
+            f"{_number(self._cpu_by_role('primary'))} us, {self.roles.count('replica')} replicas "
+            f"{_number(self._cpu_by_role('replica'))} us; busiest node {_number(busiest)} us, "
+            f"{_percent(_divide(busiest, cluster.redis_cpu_us_per_request))} of the sum)",
+        ]
+        if self.unbatched:
+            lines.append(
+                f"  a cluster gets no pipelines (one EVALSHA per request); one Redis with batching off: "
+                f"{self.unbatched.requests_per_s:,.0f} req/s, {_number(self.unbatched.redis_cpu_us_per_request)} us "
+                "Redis CPU per decision"
+            )
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.single.scenario,
+            "single_requests_per_s": self.single.requests_per_s,
+            "cluster_requests_per_s": self.cluster.requests_per_s,
+            "throughput_ratio": _divide(self.cluster.requests_per_s, self.single.requests_per_s),
+            "single_redis_cpu_us_per_decision": self.single.redis_cpu_us_per_request,
+            "cluster_redis_cpu_us_per_decision": self.cluster.redis_cpu_us_per_request,
+            "redis_cpu_ratio": _divide(self.cluster.redis_cpu_us_per_request, self.single.redis_cpu_us_per_request),
+            "cluster_primaries_redis_cpu_us_per_decision": self._cpu_by_role("primary"),
+            "cluster_replicas_redis_cpu_us_per_decision": self._cpu_by_role("replica"),
+            "unbatched_single_requests_per_s": self.unbatched.requests_per_s if self.unbatched else None,
+            "unbatched_single_redis_cpu_us_per_decision": (
+                self.unbatched.redis_cpu_us_per_request if self.unbatched else None
+            ),
+        }
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def _divide(numerator: float, denominator: float) -> float | None:
+    if not denominator or math.isnan(numerator) or math.isnan(denominator):
+        return None
+    return numerator / denominator
+
+
+def cluster_comparison(
+    closed: Sequence[Measurement], headline: str, cluster_variant: str, roles: list[str]
+) -> ClusterComparison | None:
+    single = find(closed, "project", headline)
+    cluster = find(closed, "project", cluster_variant)
+    if single is None or cluster is None:
+        return None
+    return ClusterComparison(single, cluster, roles, find(closed, "project", "batching off"))
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
 

@@ -2,12 +2,16 @@
 
 All servers stay up for the run and the closed-loop rows are measured round-robin, each
 row once per round, so a slow spell of a shared machine spreads over every contender
-instead of landing on one of them; each row pools its rounds.
+instead of landing on one of them; each row pools its rounds. The servers use the run's
+redis-server, except the cluster row's, which uses a 3-primary/3-replica Redis Cluster
+started for the run (tests/support/redis_topologies.py); its Redis counters are summed
+over the six nodes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import subprocess
@@ -25,6 +29,7 @@ from benchlib.profiling import Profiler
 from benchlib.servers import ServerSpec, command_line, missing_flags, serve_flags
 from benchlib.workload import write_config
 from tests.support.processes import free_port
+from tests.support.redis_topologies import running_redis_cluster
 
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
@@ -45,11 +50,26 @@ class Options:
 
 
 @dataclass
+class RedisDeployment:
+    """A Redis the servers talk to: the URL they get, and a client per node for its counters."""
+
+    url: str
+    clients: list[redis.Redis]
+    ports: list[int]
+    roles: list[str]  # by node: "primary" or "replica"
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+@dataclass
 class RunningServer:
     spec: ServerSpec
     process: subprocess.Popen[bytes]
     target: str
     log_path: Path
+    redis: RedisDeployment
 
 
 class Bench:
@@ -58,6 +78,9 @@ class Bench:
         self.redis_url = redis_url
         self.redis = redis.Redis.from_url(redis_url)
         self.redis_version = str(self.redis.info("server")["redis_version"])
+        port = int(self.redis.connection_pool.connection_kwargs.get("port", 6379))
+        self.deployments = {"single": RedisDeployment(redis_url, [self.redis], [port], ["primary"])}
+        self.cluster_start_s: float | None = None
         self.work_dir = work_dir
         self.config = write_config(work_dir)
         self.flags = serve_flags()
@@ -78,6 +101,28 @@ class Bench:
     def in_flight(self) -> int:
         return self.options.load_processes * self.options.concurrency
 
+    def start_cluster(self, stack: contextlib.ExitStack) -> None:
+        """A 3-primary/3-replica Redis Cluster on loopback for the cluster row; `stack` stops it."""
+        started = time.monotonic()
+        try:
+            topology = stack.enter_context(running_redis_cluster(primaries=3, replicas_per_primary=1))
+            primaries = {node.port for node in topology.primaries()}
+        except (OSError, RuntimeError, TimeoutError, subprocess.SubprocessError, redis.RedisError) as exc:
+            self.note(f"skipped the cluster row: the Redis Cluster did not start: {exc}")
+            return
+        self.cluster_start_s = time.monotonic() - started
+        ports = [node.port for node in topology.nodes]
+        self.deployments["cluster"] = RedisDeployment(
+            topology.url,
+            [redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) for port in ports],
+            ports,
+            ["primary" if port in primaries else "replica" for port in ports],
+        )
+        self.log(
+            f"Redis Cluster up in {self.cluster_start_s:.1f} s: {len(primaries)} primaries, "
+            f"{len(ports) - len(primaries)} replicas"
+        )
+
     def start_servers(self, specs: tuple[ServerSpec, ...]) -> None:
         """Start every server at once (they start faster together), then wait for each."""
         starting = []
@@ -86,10 +131,14 @@ class Bench:
             if missing:
                 self.note(f"skipped {spec.name}: `ratelimit serve` has no --{', --'.join(missing)}")
                 continue
+            deployment = self.deployments.get(spec.redis)
+            if deployment is None:
+                continue  # start_cluster said why
             port = free_port()
-            command = command_line(spec, port, self.redis_url, self.config, self.flags, self.options.redis_timeout_ms)
+            command = command_line(spec, port, deployment.url, self.config, self.flags, self.options.redis_timeout_ms)
             log_path = self.work_dir / f"{spec.name.replace(' ', '-')}.log"
-            starting.append(RunningServer(spec, start_server(command, log_path), f"127.0.0.1:{port}", log_path))
+            process = start_server(command, log_path)
+            starting.append(RunningServer(spec, process, f"127.0.0.1:{port}", log_path, deployment))
         for server in starting:
             try:
                 wait_ready(server.process, server.target, server.spec.workers)
@@ -109,7 +158,7 @@ class Bench:
         self.phases_run += 1
         return run_phase(
             self.pool,
-            self.redis,
+            server.redis.clients,
             server.process.pid,
             target=server.target,
             scenario=scenario,
@@ -202,7 +251,8 @@ class Bench:
         for server in self.servers:
             stop_process(server.process)
         self.pool.close()
-        self.redis.close()
+        for deployment in self.deployments.values():
+            deployment.close()
 
 
 def attach_ratios(bench: Bench) -> None:

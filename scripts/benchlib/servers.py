@@ -12,6 +12,7 @@ from benchlib.procs import PROJECT_ROOT, python_command
 # The optimisation flags each row sets; a build without one of them skips the rows that need it.
 OPTIMISATION_FLAGS = ("redis-batching", "over-limit-cache", "workers", "event-loop")
 HEADLINE = "batch+cache"
+CLUSTER = "cluster"  # the variant on the 3-primary/3-replica Redis Cluster (HEADLINE's flags)
 ALL_SCENARIOS = ("1 desc", "4 desc", "hot key", "100k keys")
 
 
@@ -29,6 +30,7 @@ class ServerSpec:
     quick_scenarios: tuple[str, ...] = ("1 desc",)
     sweep: bool = False  # also run the open-loop sweep (1 desc) on this server
     needs: tuple[str, ...] = ()  # serve flags this variant depends on
+    redis: str = "single"  # "single": the run's redis-server; "cluster": its Redis Cluster
 
     @property
     def name(self) -> str:
@@ -59,6 +61,8 @@ PLAN = (
     ServerSpec("project", "uvloop", event_loop="uvloop", needs=("event-loop",)),
     ServerSpec("ceiling", "2 workers", workers=2),
     ServerSpec("project", "2 workers", workers=2, needs=("workers",)),
+    # HEADLINE's flags; on a cluster the server sends each request as its own EVALSHA (no pipelines).
+    ServerSpec("project", CLUSTER, redis="cluster"),
 )
 
 
