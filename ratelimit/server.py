@@ -12,12 +12,13 @@ from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from ratelimit.generated.envoy.config.core.v3 import base_pb2
-from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2
+from ratelimit.health import DrainingHealthServicer
 from ratelimit.metrics import Metrics
 from ratelimit.service import (
     BackendUnavailable,
@@ -82,17 +83,36 @@ def decision_to_proto(decision: RateLimitDecision) -> rls_pb2.RateLimitResponse:
     )
 
 
-class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+class RateLimitServicer:
+    """ShouldRateLimit, taking the request's raw bytes: a message that does not parse is the
+    client's error (INVALID_ARGUMENT), not a failure logged with a traceback by gRPC."""
+
     def __init__(self, service: RateLimitService, metrics: Metrics) -> None:
         self._service = service
         self._metrics = metrics
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
+                    self.ShouldRateLimit,
+                    request_deserializer=None,  # bytes: parsed below
+                    response_serializer=rls_pb2.RateLimitResponse.SerializeToString,
+                )
+            },
+        )
+
     async def ShouldRateLimit(
-        self, request: rls_pb2.RateLimitRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rls_pb2.RateLimitResponse:
         started = time.perf_counter()
         outcome = "error"
         try:
+            try:
+                request = rls_pb2.RateLimitRequest.FromString(raw)
+            except DecodeError as exc:
+                raise InvalidRequest("the request is not a valid envoy.service.ratelimit.v3.RateLimitRequest") from exc
             decision = await self._service.should_rate_limit(
                 request.domain, descriptors_from_proto(request), request.hits_addend
             )
@@ -137,8 +157,8 @@ class RateLimitServer:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitServicer(service, metrics), self._server)
-        self.health = HealthServicer()
+        self._server.add_generic_rpc_handlers((RateLimitServicer(service, metrics).handler(),))
+        self.health = DrainingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -168,7 +188,7 @@ class RateLimitServer:
         await self.health.set(name, serving)
 
     async def stop(self, grace_s: float) -> None:
-        await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.drain()  # NOT_SERVING everywhere first: Envoy's checks steer away
         await self._server.stop(grace_s)
 
     async def wait_for_termination(self) -> None:

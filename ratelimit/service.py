@@ -21,6 +21,7 @@ from ratelimit.metrics import Metrics, RuleLabels
 log = logging.getLogger(__name__)
 
 MAX_UINT32 = 2**32 - 1
+BACKEND_ERROR_LOG_INTERVAL_S = 1.0
 # Go's NEAR_LIMIT_RATIO default in envoyproxy/ratelimit.
 NEAR_LIMIT_RATIO = 0.8
 
@@ -125,6 +126,8 @@ class RateLimitService:
         self._backend = backend
         self._metrics = metrics
         self._options = options
+        self._last_error_log = float("-inf")
+        self._suppressed_errors = 0
 
     async def should_rate_limit(
         self, domain: str, descriptors: Sequence[DescriptorRequest], hits_addend: int = 0
@@ -219,17 +222,29 @@ class RateLimitService:
             return await self._backend.evaluate([item.request for item in checked])
         except BackendError as exc:
             self._metrics.backend_errors.labels(exc.kind).inc()
-            log.warning(
-                "backend failed (%s): %s; answering with failure mode %s",
-                exc.kind,
-                exc,
-                self._options.failure_mode.value,
-            )
+            self._log_backend_error(exc)
             if self._options.failure_mode is FailureMode.UNAVAILABLE:
                 raise BackendUnavailable(str(exc)) from exc
             return None
         finally:
             self._metrics.backend_duration.observe(time.perf_counter() - started)
+
+    def _log_backend_error(self, exc: BackendError) -> None:
+        # At most one line a second: an outage under load must not flood the log (the
+        # metrics count every failure).
+        now = time.monotonic()
+        self._suppressed_errors += 1
+        if now - self._last_error_log < BACKEND_ERROR_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "backend failed (%s): %s; answering with failure mode %s (%d failures since the last line)",
+            exc.kind,
+            exc,
+            self._options.failure_mode.value,
+            self._suppressed_errors,
+        )
+        self._last_error_log = now
+        self._suppressed_errors = 0
 
     def _failure_answer(self, checked: Sequence[_Checked], statuses: list[DescriptorStatus]) -> RateLimitDecision:
         mode = self._options.failure_mode

@@ -256,3 +256,18 @@ def test_script_cache_flush_is_invisible_to_callers(make_backend: BackendFactory
         assert sorted(r.results[0].used for r in results) == [2, 3, 4]
 
     run(make_backend, scenario)
+
+
+def test_a_request_naming_one_counter_twice_charges_and_checks_them_together(make_backend: BackendFactory) -> None:
+    async def scenario(backend: Backend) -> None:
+        twice = [counter("twice", 5, hits=3), counter("twice", 5, hits=3)]
+        rejected = await backend.evaluate(twice)
+        assert not rejected.admitted  # 3 + 3 > 5, although each alone would fit
+        assert [r.over_limit for r in rejected.results] == [False, True]
+        pair = [counter("twice", 5, hits=2), counter("twice", 5, hits=2)]
+        admitted = await backend.evaluate(pair)
+        assert admitted.admitted and [r.used for r in admitted.results] == [2, 4]
+        check = await backend.evaluate([counter("twice", 5, hits=0)])
+        assert check.results[0].used == 4
+
+    run(make_backend, scenario)

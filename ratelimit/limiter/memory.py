@@ -34,22 +34,31 @@ class MemoryBackend(Backend):
         now_ms = self._clock_ms()
         self._sweep_expired(now_ms)
         counters = [self._live_counter(request.key, now_ms) for request in requests]
-        checks = []
+        # Hits that earlier counters of this request put on the same key (a request may
+        # name one counter twice): they must fit together.
+        planned: dict[str, int] = {}
+        checks, resets, through = [], [], []
         for request, buckets in zip(requests, counters):
             window.prune(buckets, request.window, now_ms)
-            checks.append(window.check(buckets, request.limit, request.hits))
+            earlier = planned.get(request.key, 0)
+            planned[request.key] = earlier + request.hits
+            through.append(earlier + request.hits)
+            counter_check = window.check(buckets, request.limit, earlier + request.hits)
+            checks.append(counter_check)
+            resets.append(
+                window.reset_ms(
+                    buckets, request.window, now_ms, request.limit, earlier + request.hits, counter_check.over_limit
+                )
+            )
         admitted = admits([r.role for r in requests], [c.over_limit for c in checks])
         results = []
-        for request, buckets, counter_check in zip(requests, counters, checks):
-            used = counter_check.used
+        for request, buckets, counter_check, reset, hits_through in zip(requests, counters, checks, resets, through):
+            # Admitted: the count once this request's hits up to this counter are in.
+            used = counter_check.used + hits_through if admitted else counter_check.used
             if admitted and request.hits > 0:
                 bucket = request.window.current_bucket(now_ms)
                 buckets[bucket] = buckets.get(bucket, 0) + request.hits
-                used += request.hits
                 self._expiry_ms[request.key] = request.window.leaves_window_at_ms(bucket)
-            reset = window.reset_ms(
-                buckets, request.window, now_ms, request.limit, request.hits, counter_check.over_limit
-            )
             results.append(CounterResult(over_limit=counter_check.over_limit, used=used, reset_ms=reset))
             if not buckets:
                 self._forget(request.key)

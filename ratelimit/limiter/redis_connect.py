@@ -73,6 +73,10 @@ def make_client(url: str, *, timeout_s: float, max_connections: int, options: Ma
         # No retries inside the client: a failed call fails within its timeout, and the
         # circuit breaker and failure mode decide what happens next.
         "retry": Retry(NoBackoff(), 0),
+        # RESP2: with RESP3, redis-py 8 turns on maintenance notifications by default and
+        # its pool then stops checking idle connections, so one closed by Redis (timeout,
+        # restart, proxy) would fail the next call.
+        "protocol": 2,
     }
     if target.kind == "single":
         # A blocking pool: a burst waits for a free connection (within the call's timeout)

@@ -70,10 +70,10 @@ def prune(buckets: dict[int, int], spec: WindowSpec, now_ms: int) -> None:
         del buckets[stale]
 
 
-def check(buckets: Mapping[int, int], limit: int, hits: int) -> CounterCheck:
-    """Whether `hits` more fit; buckets must be pruned. Future buckets (clock steps back) count."""
+def check(buckets: Mapping[int, int], limit: int, need: int) -> CounterCheck:
+    """Whether `need` more hits fit; buckets must be pruned. Future buckets (clock steps back) count."""
     used = sum(buckets.values())
-    return CounterCheck(over_limit=used + hits > limit, used=used)
+    return CounterCheck(over_limit=used + need > limit, used=used)
 
 
 def reset_ms(
@@ -81,10 +81,12 @@ def reset_ms(
     spec: WindowSpec,
     now_ms: int,
     limit: int,
-    hits: int,
+    need: int,
     over_limit: bool,
 ) -> int:
-    """The wait promised by a status; see CounterResult.reset_ms."""
+    """The wait promised by a status (see CounterResult.reset_ms), from the buckets as they
+    were before this request: over the limit, until `need` hits fit; otherwise until the
+    oldest counted hit leaves (or, with none, until a hit made now would)."""
     reference = spec.reference_ms(now_ms)
     ordered = sorted(index for index, count in buckets.items() if count > 0)
     if not ordered:
@@ -94,7 +96,7 @@ def reset_ms(
     running = sum(buckets[index] for index in ordered)
     for index in ordered:
         running -= buckets[index]
-        if running + hits <= limit:
+        if running + need <= limit:
             return spec.leaves_window_at_ms(index) - reference
     # More hits than the limit never fit; promise only what we know: a clear window.
     return spec.leaves_window_at_ms(max(ordered[-1], spec.current_bucket(now_ms))) - reference

@@ -1,6 +1,7 @@
 -- Decide and charge every counter of one rate limit request, atomically.
 --
 -- KEYS[i]  counter i: a hash {bucket index -> hits}; all keys share one hash slot.
+--          A key may appear more than once (a request may name one counter twice).
 -- ARGV     five values per counter, in KEYS order:
 --            limit      requests per unit (integer >= 0)
 --            bucket_ms  bucket length in milliseconds
@@ -9,23 +10,60 @@
 --            role       1 enforce: over rejects the request; 0 shadow: never rejects;
 --                       2 quota: rejects only when every quota counter of the request is over
 -- Returns  {admitted (0/1), now_ms, then per counter: over_limit (0/1), used, reset_ms}
+--          used: hits in the window, with this request's hits up to this counter when admitted.
 --
 -- Time is Redis's own (TIME), so every replica shares one clock. A request is admitted
 -- only when no enforcing counter is over and not all of its quota counters are over;
 -- only then are hits added (all-or-nothing).
--- Mirrors ratelimit/limiter/window.py, which documents the arithmetic.
+-- Mirrors ratelimit/limiter/window.py and memory.py, which document the arithmetic.
 
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local count = #KEYS
 
 local specs = {}
-local buckets = {}
 local used = {}
+local through = {}
 local over = {}
+local resets = {}
+local planned = {}
 local admitted = true
 local quota_counters = 0
 local quota_over = 0
+
+local function leaves_at(spec, index)
+  return (index + spec.span) * spec.bucket_ms
+end
+
+-- The wait a status promises, from the buckets as they were before this request.
+local function reset_ms(spec, live, total, need, is_over)
+  local reference = now_ms
+  if spec.span == 1 then
+    -- envoyproxy/ratelimit computes a fixed window's reset from whole seconds.
+    reference = now_ms - now_ms % 1000
+  end
+  local ordered = {}
+  for index, hits in pairs(live) do
+    if hits > 0 then
+      ordered[#ordered + 1] = index
+    end
+  end
+  if #ordered == 0 then
+    return leaves_at(spec, spec.current) - reference
+  end
+  table.sort(ordered)
+  if not is_over then
+    return leaves_at(spec, ordered[1]) - reference
+  end
+  local running = total
+  for _, index in ipairs(ordered) do
+    running = running - live[index]
+    if running + need <= spec.limit then
+      return leaves_at(spec, index) - reference
+    end
+  end
+  return leaves_at(spec, math.max(ordered[#ordered], spec.current)) - reference
+end
 
 for i = 1, count do
   local base = (i - 1) * 5
@@ -57,9 +95,12 @@ for i = 1, count do
   if #stale > 0 then
     redis.call('HDEL', KEYS[i], unpack(stale))
   end
-  buckets[i] = live
+  local earlier = planned[KEYS[i]] or 0
+  planned[KEYS[i]] = earlier + spec.hits
+  through[i] = earlier + spec.hits
   used[i] = sum
-  over[i] = sum + spec.hits > spec.limit
+  over[i] = sum + through[i] > spec.limit
+  resets[i] = reset_ms(spec, live, sum, through[i], over[i])
   if over[i] and spec.role == 1 then
     admitted = false
   elseif spec.role == 2 then
@@ -73,51 +114,19 @@ if quota_counters > 0 and quota_over == quota_counters then
   admitted = false
 end
 
-local function leaves_at(spec, index)
-  return (index + spec.span) * spec.bucket_ms
-end
-
-local function reset_ms(spec, live, total, is_over)
-  local reference = now_ms
-  if spec.span == 1 then
-    -- envoyproxy/ratelimit computes a fixed window's reset from whole seconds.
-    reference = now_ms - now_ms % 1000
-  end
-  local ordered = {}
-  for index, hits in pairs(live) do
-    if hits > 0 then
-      ordered[#ordered + 1] = index
-    end
-  end
-  if #ordered == 0 then
-    return leaves_at(spec, spec.current) - reference
-  end
-  table.sort(ordered)
-  if not is_over then
-    return leaves_at(spec, ordered[1]) - reference
-  end
-  local running = total
-  for _, index in ipairs(ordered) do
-    running = running - live[index]
-    if running + spec.hits <= spec.limit then
-      return leaves_at(spec, index) - reference
-    end
-  end
-  return leaves_at(spec, math.max(ordered[#ordered], spec.current)) - reference
-end
-
 local reply = {admitted and 1 or 0, now_ms}
 for i = 1, count do
   local spec = specs[i]
-  if admitted and spec.hits > 0 then
-    redis.call('HINCRBY', KEYS[i], spec.current, spec.hits)
-    -- Every bucket has left the window once the current one has: expire then.
-    redis.call('PEXPIREAT', KEYS[i], leaves_at(spec, spec.current))
-    buckets[i][spec.current] = (buckets[i][spec.current] or 0) + spec.hits
-    used[i] = used[i] + spec.hits
+  if admitted then
+    used[i] = used[i] + through[i]
+    if spec.hits > 0 then
+      redis.call('HINCRBY', KEYS[i], spec.current, spec.hits)
+      -- Every bucket has left the window once the current one has: expire then.
+      redis.call('PEXPIREAT', KEYS[i], leaves_at(spec, spec.current))
+    end
   end
   reply[#reply + 1] = over[i] and 1 or 0
   reply[#reply + 1] = used[i]
-  reply[#reply + 1] = reset_ms(spec, buckets[i], used[i], over[i])
+  reply[#reply + 1] = resets[i]
 end
 return reply

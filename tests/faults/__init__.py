@@ -1,0 +1,1 @@
+"""Fault tests: real processes (redis-server, replicas) under load while something breaks."""
