@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Iterator
 
+import grpc
 import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
@@ -21,7 +23,7 @@ from tests.support.redis_topologies import RedisClusterTopology, running_redis_c
 from tests.support.replica import ReplicaProcess, running_replica
 
 FAILOVER_YAML = Path(__file__).parent / "data" / "failover.yaml"
-# Documented in the README: a cluster failover (node timeout 1 s here) resumes within this.
+# Documented in the README: a cluster failover (node timeout 2 s here) resumes within this.
 CLUSTER_FAILOVER_BOUND_S = 10.0
 
 
@@ -34,12 +36,24 @@ def cluster() -> Iterator[RedisClusterTopology]:
 @contextlib.contextmanager
 def three_replicas(tmp_path: Path, url: str) -> Iterator[list[ReplicaProcess]]:
     with contextlib.ExitStack() as stack:
-        yield [
-            stack.enter_context(
-                running_replica(tmp_path, [FAILOVER_YAML], redis_url=url, extra_args=["--over-limit-cache", "false"])
-            )
-            for _ in range(3)
-        ]
+        replicas = [stack.enter_context(running_replica(tmp_path, [FAILOVER_YAML], redis_url=url)) for _ in range(3)]
+        for replica in replicas:
+            wait_until_deciding(replica.target)
+        yield replicas
+
+
+def wait_until_deciding(target: str, timeout_s: float = 15.0) -> None:
+    """A replica decides once the cluster is settled (a loaded machine may delay that)."""
+    deadline = time.monotonic() + timeout_s
+    with RateLimitClient(target) as client:
+        while True:
+            try:
+                client.should_rate_limit("failover", [[("user", "warm-up")]])
+                return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 def sync_cluster(topology: RedisClusterTopology) -> RedisCluster:

@@ -114,7 +114,7 @@ def running_redis_cluster(primaries: int = 3, replicas_per_primary: int = 1) -> 
             args = [
                 *_node_args(port, directory),
                 "--cluster-enabled", "yes", "--cluster-config-file", str(directory / "nodes.conf"),
-                "--cluster-node-timeout", "1000",
+                "--cluster-node-timeout", "2000",
             ]  # fmt: skip
             nodes.append(_start(redis_server_binary(), args, port, directory))
         created = subprocess.run(
