@@ -12,18 +12,9 @@ from typing import Any, Callable, Coroutine, Sequence
 import grpc
 
 from ratelimit import __version__
+from ratelimit.client import parse_descriptor
 from ratelimit.config import ConfigError, validate_paths
 from ratelimit.settings import Settings, add_serve_arguments, settings_from_args
-
-
-def _parse_descriptor(text: str) -> list[tuple[str, str]]:
-    entries = []
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"descriptor entries are key=value, got {part!r}")
-        entries.append((key, value))
-    return entries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--descriptor",
         action="append",
         required=True,
-        type=_parse_descriptor,
+        type=parse_descriptor,
         help="k=v[,k=v...] (repeatable: one per descriptor)",
     )
     check.add_argument("--hits", type=int, default=0, help="hits_addend (0 means 1)")

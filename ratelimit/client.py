@@ -6,6 +6,7 @@ all their calls; every call has a deadline; TLS and mTLS through `TlsOptions`.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -35,6 +36,17 @@ class Result:
     @property
     def over_limit(self) -> bool:
         return self.overall_code == "OVER_LIMIT"
+
+
+def parse_descriptor(text: str) -> list[tuple[str, str]]:
+    """`k=v[,k=v...]` as entries: an argparse `type=` for the commands that take descriptors."""
+    entries = []
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"descriptor entries are key=value, got {part!r}")
+        entries.append((key, value))
+    return entries
 
 
 def build_request(domain: str, descriptors: Sequence[Descriptor], hits_addend: int = 0) -> rls_pb2.RateLimitRequest:

@@ -22,7 +22,7 @@ import grpc
 
 from benchlib.phases import percentile
 from benchlib.procs import PROJECT_ROOT, require
-from ratelimit.client import build_request, result_from_response
+from ratelimit.client import build_request, parse_descriptor, result_from_response
 from ratelimit.config.model import Unit
 from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2_grpc
 
@@ -60,16 +60,6 @@ class Run:
     skipped: int = 0  # due calls not started: too many in flight
     limit: Limit | None = None
     elapsed_s: float = 0.0
-
-
-def parse_descriptor(text: str) -> list[tuple[str, str]]:
-    entries = []
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"descriptor entries are key=value, got {part!r}")
-        entries.append((key, value))
-    return entries
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import grpc
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.replica import wait_until_serving
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SCRIPTS_DIR = Path(__file__).resolve().parents[1]
@@ -56,21 +56,6 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def wait_until_serving(target: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server for {target} exited with {process.returncode} before serving")
-            with contextlib.suppress(grpc.RpcError):
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            time.sleep(0.1)
-    raise TimeoutError(f"{target} not SERVING after {timeout_s} s")
-
-
 def start_server(command: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
     """Start a server process (not waiting for it: see `wait_ready`)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS_DIR), str(PROJECT_ROOT)])}
@@ -79,7 +64,7 @@ def start_server(command: Sequence[str], log_path: Path) -> subprocess.Popen[byt
 
 
 def wait_ready(process: subprocess.Popen[bytes], target: str, workers: int = 1) -> None:
-    wait_until_serving(target, process)
+    wait_until_serving(target, timeout_s=30.0, process=process)
     if workers > 1:
         # Health answers from whichever worker got the connection; give the others time to bind.
         deadline = time.monotonic() + 10
