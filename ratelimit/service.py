@@ -21,6 +21,7 @@ from ratelimit.metrics import Metrics, RuleLabels
 log = logging.getLogger(__name__)
 
 MAX_UINT32 = 2**32 - 1
+KNOWN_UNITS = frozenset(int(unit) for unit in Unit if unit is not Unit.UNKNOWN)
 BACKEND_ERROR_LOG_INTERVAL_S = 1.0
 # Go's NEAR_LIMIT_RATIO default in envoyproxy/ratelimit.
 NEAR_LIMIT_RATIO = 0.8
@@ -156,13 +157,10 @@ class RateLimitService:
         decision = await self._evaluate(checked)
         if decision is None:
             return self._failure_answer(checked, statuses)
-        overall = Code.OK
         for item, result in zip(checked, decision.results):
-            status = self._status(item, result)
-            statuses[item.position] = status
+            statuses[item.position] = self._status(item, result)
             self._count(item, result, decision.admitted)
-        if not decision.admitted:
-            overall = Code.OVER_LIMIT
+        overall = Code.OK if decision.admitted else Code.OVER_LIMIT
         if overall is Code.OVER_LIMIT and self._options.global_shadow_mode:
             self._metrics.global_shadow_mode.inc()
             overall = Code.OK
@@ -186,7 +184,7 @@ class RateLimitService:
                     raise InvalidRequest(f"descriptor {position} entry {entry_position} has an empty key")
             if descriptor.override is not None:
                 _, unit = descriptor.override
-                if unit not in Unit._value2member_map_ or unit == Unit.UNKNOWN:
+                if unit not in KNOWN_UNITS:
                     raise InvalidRequest(f"descriptor {position} limit override has an unknown unit ({unit})")
 
     @staticmethod
