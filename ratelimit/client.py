@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import grpc
 
@@ -110,14 +110,18 @@ class TlsOptions:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+def _open_channel(channels: Any, target: str, tls: TlsOptions | None) -> Any:
+    """A channel from `grpc` or `grpc.aio` (same function names), plain or TLS."""
+    if tls is None:
+        return channels.insecure_channel(target)
+    return channels.secure_channel(target, tls.credentials(), options=tls.channel_options())
+
+
 class RateLimitClient:
     """A blocking client; one channel, reused for every call."""
 
     def __init__(self, target: str, *, timeout_s: float = 1.0, tls: TlsOptions | None = None) -> None:
-        if tls is None:
-            self._channel = grpc.insecure_channel(target)
-        else:
-            self._channel = grpc.secure_channel(target, tls.credentials(), options=tls.channel_options())
+        self._channel = _open_channel(grpc, target, tls)
         self._stub = rls_pb2_grpc.RateLimitServiceStub(self._channel)
         self._timeout_s = timeout_s
 
@@ -148,10 +152,7 @@ class AsyncRateLimitClient:
     """The asyncio twin of RateLimitClient (grpc.aio); use `async with`."""
 
     def __init__(self, target: str, *, timeout_s: float = 1.0, tls: TlsOptions | None = None) -> None:
-        if tls is None:
-            self._channel = grpc.aio.insecure_channel(target)
-        else:
-            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=tls.channel_options())
+        self._channel = _open_channel(grpc.aio, target, tls)
         self._stub = rls_pb2_grpc.RateLimitServiceStub(self._channel)
         self._timeout_s = timeout_s
 
