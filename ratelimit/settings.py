@@ -101,40 +101,42 @@ OPTIONS: tuple[Option, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    config: tuple[str, ...] = ()
-    backend: str = "redis"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_ms: float = 15.0
-    redis_pool_size: int = 64
-    key_prefix: str = "ratelimit:"
-    breaker_failures: int = 5
-    breaker_cooldown_ms: float = 500.0
-    redis_batching: bool = True
-    over_limit_cache: bool = True
-    workers: int = 1
-    reuse_port: bool = False
-    event_loop: str = "auto"
-    redis_ca_file: str = ""
-    redis_cert_file: str = ""
-    redis_key_file: str = ""
-    grpc_host: str = "0.0.0.0"
-    grpc_port: int = 8081
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9102
-    on_backend_error: FailureMode = FailureMode.UNAVAILABLE
-    shadow_mode: bool = False
-    merge_domains: bool = False
-    max_descriptors: int = 64
-    response_headers: bool = False
-    header_limit: str = "RateLimit-Limit"
-    header_remaining: str = "RateLimit-Remaining"
-    header_reset: str = "RateLimit-Reset"
-    config_poll_s: float = 1.0
-    shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
+    """Every serve setting; the defaults live in OPTIONS only."""
+
+    config: tuple[str, ...]
+    backend: str
+    redis_url: str
+    redis_timeout_ms: float
+    redis_pool_size: int
+    key_prefix: str
+    breaker_failures: int
+    breaker_cooldown_ms: float
+    redis_batching: bool
+    over_limit_cache: bool
+    workers: int
+    reuse_port: bool
+    event_loop: str
+    redis_ca_file: str
+    redis_cert_file: str
+    redis_key_file: str
+    grpc_host: str
+    grpc_port: int
+    tls_cert_file: str
+    tls_key_file: str
+    tls_client_ca_file: str
+    metrics_host: str
+    metrics_port: int
+    on_backend_error: FailureMode
+    shadow_mode: bool
+    merge_domains: bool
+    max_descriptors: int
+    response_headers: bool
+    header_limit: str
+    header_remaining: str
+    header_reset: str
+    config_poll_s: float
+    shutdown_grace_s: float
+    log_level: str
 
     def redacted_redis_url(self) -> str:
         """The Redis URL without its password, for logs."""

@@ -16,6 +16,7 @@ A counter is a map from bucket index (absolute: `now_ms // bucket_ms`) to hits.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -32,6 +33,7 @@ class WindowSpec:
     span: int
 
     @classmethod
+    @functools.cache  # a handful of (algorithm, unit) pairs; called for every descriptor
     def for_rule(cls, algorithm: Algorithm, unit_seconds: int) -> WindowSpec:
         window_ms = unit_seconds * 1000
         if algorithm is Algorithm.FIXED_WINDOW:
