@@ -47,7 +47,7 @@ def test_wheel_installs_into_a_fresh_venv_with_its_data_files(tmp_path: Path) ->
     assert validated.returncode == 0, validated.stderr
     # the Lua script is read from the installed package, not from this checkout
     script = subprocess.run(
-        [str(python), "-c", "from ratelimit.limiter.redis_backend import SCRIPT_SOURCE; print(len(SCRIPT_SOURCE))"],
+        [str(python), "-c", "from ratelimit.limiter.script import SCRIPT_SOURCE; print(len(SCRIPT_SOURCE))"],
         capture_output=True,
         text=True,
         timeout=60,

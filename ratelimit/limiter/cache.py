@@ -11,6 +11,7 @@ ask the store again early, never answer later than the store would.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Sequence
 
@@ -56,9 +57,7 @@ class OverLimitCache(WrappingBackend):
             full_until = self._full_until.get((request.key, request.limit))
             if full_until is None or full_until <= now_s:
                 return None
-            results.append(
-                CounterResult(over_limit=True, used=request.limit, reset_ms=max(1, int((full_until - now_s) * 1000)))
-            )
+            results.append(CounterResult(over_limit=True, used=request.limit, reset_ms=_ms_until(full_until, now_s)))
         if not results:
             return None
         now_ms = time.time_ns() // 1_000_000 + self._store_offset_ms
@@ -78,6 +77,12 @@ class OverLimitCache(WrappingBackend):
 
     def __len__(self) -> int:
         return len(self._full_until)
+
+
+def _ms_until(deadline_s: float, now_s: float) -> int:
+    # Rounded up: a reset a fraction of a millisecond short would send the caller back while
+    # the counter is still full. (Rounding to the microsecond first absorbs float noise.)
+    return max(1, math.ceil(round((deadline_s - now_s) * 1000, 3)))
 
 
 def _cacheable(request: CounterRequest) -> bool:

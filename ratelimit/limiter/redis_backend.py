@@ -1,26 +1,31 @@
-"""Counters in Redis: one EVALSHA per request, whatever the number of descriptors.
+"""Counters in Redis: one script call per request, whatever the number of descriptors.
 
-With batching on, the EVALSHAs of all requests that arrive in one event-loop turn go to
-Redis together in one pipeline (one write, one read), each still its own atomic script
-call. Store exceptions are translated here, once, into BackendError with a bounded `kind`.
+One server (`redis://`, `rediss://`, `unix://`) goes through the lean pipelined client: the
+script calls of all requests that arrive in one event-loop turn leave in one write on one
+connection, each still its own atomic EVALSHA. Redis Cluster and Sentinel go through redis-py,
+which follows redirections and failovers (`redis_py_scripts`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
-from redis import exceptions as redis_errors
-from redis.asyncio.cluster import RedisCluster
+from ratelimit.limiter.pipelined import PipelinedRedis, RedisReplyError, pack_command
+from ratelimit.limiter.redis_connect import endpoint_from_url, parse_target
+from ratelimit.limiter.redis_py_scripts import RedisPyScripts
+from ratelimit.limiter.script import SCRIPT_SHA, SCRIPT_SOURCE, decision_from_reply, script_arguments
+from ratelimit.limiter.types import Backend, BackendError, CounterRequest, Decision
 
-from ratelimit.limiter.redis_connect import make_client
-from ratelimit.limiter.types import Backend, BackendError, CounterRequest, CounterResult, Decision
 
-# Pipelines out at once; more requests queue and go together when one comes back.
-MAX_PIPELINES_IN_FLIGHT = 2
-SCRIPT_SOURCE = resources.files("ratelimit.limiter").joinpath("lua/evaluate.lua").read_text()
+class ScriptRunner(Protocol):
+    @property
+    def round_trips(self) -> int: ...
+
+    async def run(self, keys: list[str], args: list[int]) -> Any: ...
+    async def ping(self) -> None: ...
+    async def prepare(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class RedisBackend(Backend):
@@ -28,6 +33,9 @@ class RedisBackend(Backend):
 
     `timeout_s` bounds each call (connection included): on expiry the call fails with
     BackendError("timeout") instead of holding Envoy past its own RLS deadline.
+    `max_connections` sizes redis-py's pools (Cluster, Sentinel). One server needs one
+    connection, as Redis answers pipelined calls in order; there it bounds the calls out at
+    once when batching is off (batches: two writes out at once).
     """
 
     def __init__(
@@ -39,172 +47,85 @@ class RedisBackend(Backend):
         batching: bool = True,
         connection_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self._client = make_client(
-            url,
-            timeout_s=max(timeout_s, 0.05),
-            max_connections=max_connections,
-            options=connection_options or {},
-        )
-        self._timeout_s = timeout_s
-        self._sha: str | None = None
-        # redis-py refuses script calls in cluster pipelines; on a cluster each request is
-        # its own EVALSHA to the node of its slot.
-        self._batching = batching and not isinstance(self._client, RedisCluster)
-        self._pending: list[_Call] = []
-        self._flushes: set[asyncio.Task[None]] = set()
-        self._flush_scheduled = False
-        self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
+        options = connection_options or {}
+        self._runner: ScriptRunner
+        if parse_target(url).kind == "single":
+            self._runner = PipelinedScripts(
+                url, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
+            )
+        else:
+            self._runner = RedisPyScripts(
+                url, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
+            )
+
+    @property
+    def round_trips(self) -> int:
+        """Writes of script calls to Redis: batches, or single calls."""
+        return self._runner.round_trips
 
     async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
-        keys = [request.key for request in requests]
-        args: list[Any] = []
-        for request in requests:
-            args += (
-                request.limit,
-                request.window.bucket_ms,
-                request.window.span,
-                request.hits,
-                int(request.role),
-            )
-        call = self._batched(keys, args) if self._batching else self._run_script(keys, args)
-        reply = await self._guarded(call)
-        return _decision_from_reply(reply, len(requests))
-
-    async def _batched(self, keys: list[str], args: list[Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Call(keys, args, future))
-        self._schedule_flush()
-        return await future
-
-    def _schedule_flush(self) -> None:
-        # Send at the end of this loop turn (so requests that arrive together go together),
-        # unless enough pipelines are out: then the queue goes when one comes back. That
-        # is where batches form: grpc.aio hands over about one request per loop turn.
-        if self._pending and not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        task = asyncio.create_task(self._execute(batch))
-        self._flushes.add(task)  # keep a reference until done
-        task.add_done_callback(self._flushed)
-
-    def _flushed(self, task: asyncio.Task[None]) -> None:
-        self._flushes.discard(task)
-        self._schedule_flush()
-
-    async def _execute(self, batch: list[_Call]) -> None:
-        """Run one pipeline; every outcome lands on its caller's future, never in the loop."""
-        try:
-            if self._sha is None:
-                self._sha = await self._client.script_load(SCRIPT_SOURCE)
-            replies = await self._pipeline(batch)
-            missing = [call for call, reply in zip(batch, replies) if isinstance(reply, redis_errors.NoScriptError)]
-            if missing:  # Redis restarted or SCRIPT FLUSH: load again, invisibly to callers
-                self._sha = await self._client.script_load(SCRIPT_SOURCE)
-                for call, reply in zip(missing, await self._pipeline(missing)):
-                    call.settle(reply)
-            for call, reply in zip(batch, replies):
-                if not isinstance(reply, redis_errors.NoScriptError):
-                    call.settle(reply)
-        except BaseException as exc:  # handed to the callers, who translate it
-            for call in batch:
-                call.settle(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-
-    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        assert self._sha is not None  # loaded by the caller
-        self.round_trips += 1
-        if len(batch) == 1:  # a plain call costs less than a pipeline of one
-            call = batch[0]
-            try:
-                return [await self._client.evalsha(self._sha, len(call.keys), *call.keys, *call.args)]
-            except redis_errors.NoScriptError as exc:
-                return [exc]
-        pipe = self._client.pipeline(transaction=False)
-        for call in batch:
-            pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def _run_script(self, keys: list[str], args: list[Any]) -> Any:
-        if self._sha is None:
-            self._sha = await self._client.script_load(SCRIPT_SOURCE)
-        try:
-            self.round_trips += 1
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
-        except redis_errors.NoScriptError:
-            # Redis restarted or SCRIPT FLUSH: load again, invisibly to the caller.
-            self._sha = await self._client.script_load(SCRIPT_SOURCE)
-            self.round_trips += 1
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
-
-    async def _guarded(self, call: Any) -> Any:
-        try:
-            async with asyncio.timeout(self._timeout_s):  # no extra task, unlike wait_for
-                return await call
-        except (TimeoutError, redis_errors.TimeoutError) as exc:
-            raise BackendError("timeout", f"redis did not answer within {self._timeout_s * 1000:g} ms") from exc
-        except redis_errors.ConnectionError as exc:
-            raise BackendError("connection", f"redis connection failed: {exc}") from exc
-        except redis_errors.ResponseError as exc:
-            raise BackendError("script", f"redis error: {exc}") from exc
-        except redis_errors.RedisError as exc:
-            raise BackendError("other", f"redis failure: {exc}") from exc
-        except OSError as exc:
-            raise BackendError("connection", f"redis connection failed: {exc}") from exc
+        keys, args = script_arguments(requests)
+        return decision_from_reply(await self._runner.run(keys, args), len(requests))
 
     async def ping(self) -> None:
-        await self._guarded(self._client.ping())
+        await self._runner.ping()
 
     async def prepare(self) -> None:
         # Connect and load the script now, so the first request does not pay for both
         # within its timeout.
-        try:
-            self._sha = await self._client.script_load(SCRIPT_SOURCE)
-        except redis_errors.RedisError as exc:
-            raise BackendError("connection", f"redis not ready: {exc}") from exc
+        await self._runner.prepare()
 
     async def close(self) -> None:
-        for task in list(self._flushes):
-            task.cancel()
-        if isinstance(self._client, RedisCluster):
-            await self._client.aclose()
-        else:
-            # A pool passed in is not closed by the client by itself.
-            await self._client.aclose(close_connection_pool=True)
+        await self._runner.close()
 
 
-@dataclass(slots=True)
-class _Call:
-    keys: list[str]
-    args: list[Any]
-    future: asyncio.Future[Any]
+class PipelinedScripts:
+    """The script over one server's pipelined connection."""
 
-    def settle(self, outcome: Any) -> None:
-        if self.future.done():  # the caller gave up (timeout) meanwhile
-            return
-        if isinstance(outcome, asyncio.CancelledError):
-            self.future.cancel()
-        elif isinstance(outcome, BaseException):
-            self.future.set_exception(outcome)
-        else:
-            self.future.set_result(outcome)
-
-
-def _decision_from_reply(reply: Sequence[Any], count: int) -> Decision:
-    if len(reply) != 2 + 3 * count:
-        raise BackendError("script", f"unexpected script reply of {len(reply)} items for {count} counters")
-    results = tuple(
-        CounterResult(
-            over_limit=bool(reply[2 + 3 * i]),
-            used=int(reply[3 + 3 * i]),
-            reset_ms=int(reply[4 + 3 * i]),
+    def __init__(
+        self, url: str, *, timeout_s: float, max_connections: int, batching: bool, options: Mapping[str, Any]
+    ) -> None:
+        self._redis = PipelinedRedis(
+            endpoint_from_url(url, options),
+            timeout_s=timeout_s,
+            batching=batching,
+            max_writes_in_flight=2 if batching else max_connections,
         )
-        for i in range(count)
-    )
-    return Decision(admitted=bool(reply[0]), now_ms=int(reply[1]), results=results)
+        self._timeout_s = timeout_s
+
+    @property
+    def round_trips(self) -> int:
+        return self._redis.round_trips
+
+    async def run(self, keys: list[str], args: list[int]) -> Any:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            return await self._redis.send(pack_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args))
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise BackendError("script", f"redis error: {exc}") from None
+        # Redis restarted or SCRIPT FLUSH: EVAL runs the script and caches it again, invisibly
+        # to the caller, within what is left of the call's time.
+        try:
+            async with asyncio.timeout_at(started + self._timeout_s):
+                return await self._redis.send(pack_command("EVAL", SCRIPT_SOURCE, len(keys), *keys, *args))
+        except TimeoutError:
+            raise BackendError("timeout", f"redis did not answer within {self._timeout_s * 1000:g} ms") from None
+        except RedisReplyError as exc:
+            raise BackendError("script", f"redis error: {exc}") from None
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.execute("PING")
+        except RedisReplyError as exc:
+            raise BackendError("other", f"redis error: {exc}") from None
+
+    async def prepare(self) -> None:
+        try:
+            await self._redis.execute("SCRIPT", "LOAD", SCRIPT_SOURCE)
+        except RedisReplyError as exc:
+            raise BackendError("connection", f"redis not ready: {exc}") from None
+
+    async def close(self) -> None:
+        await self._redis.close()

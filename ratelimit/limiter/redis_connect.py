@@ -1,6 +1,7 @@
 """Redis clients from one URL: a single server, a Redis Cluster, or a Sentinel-managed primary.
 
-- `redis://[user:password@]host:port/db`, `rediss://...` (TLS): one server.
+- `redis://[user:password@]host[:port][/db]`, `rediss://...` (TLS), `unix:///path[?db=N]`:
+  one server, for the pipelined client (`endpoint_from_url`).
 - `redis+cluster://[user:password@]host:port[,host:port...]` (`rediss+cluster://`): a Redis
   Cluster, discovered from any of the listed nodes; MOVED/ASK and slot migrations are
   followed by the client.
@@ -11,15 +12,17 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+
+from ratelimit.limiter.pipelined import DEFAULT_PORT, Endpoint
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -63,8 +66,48 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def endpoint_from_url(url: str, tls_files: Mapping[str, str]) -> Endpoint:
+    """`redis://[user:password@]host[:port][/db]`, `rediss://...` (TLS) or `unix:///path[?db=N]`.
+
+    `tls_files` may name `ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` for rediss://.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss:// or unix://")
+    query = parse_qs(parts.query)
+    unknown = sorted(set(query) - {"db"})
+    if unknown:
+        raise ValueError(f"unsupported Redis URL parameter(s): {', '.join(unknown)} (only db is known)")
+    db_text = query.get("db", [""])[-1] or (parts.path.strip("/") if scheme != "unix" else "") or "0"
+    if not db_text.isdigit():
+        raise ValueError(f"the Redis database must be a number, got {db_text!r}")
+    credentials = {
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "db": int(db_text),
+    }
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix:// needs the socket's path: unix:///run/redis.sock")
+        return Endpoint(path=parts.path, **credentials)  # type: ignore[arg-type]
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError as exc:
+        raise ValueError(f"bad port in the Redis URL: {exc}") from None
+    tls = _ssl_context(tls_files) if scheme == "rediss" else None
+    return Endpoint(host=parts.hostname or "127.0.0.1", port=port, ssl_context=tls, **credentials)  # type: ignore[arg-type]
+
+
+def _ssl_context(files: Mapping[str, str]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=files.get("ssl_ca_certs") or None)
+    if files.get("ssl_certfile"):
+        context.load_cert_chain(files["ssl_certfile"], files.get("ssl_keyfile") or None)
+    return context
+
+
 def make_client(url: str, *, timeout_s: float, max_connections: int, options: Mapping[str, Any]) -> Any:
-    """A redis.asyncio client (or RedisCluster) for `url`; `options` are TLS file settings."""
+    """A redis-py client for a cluster or sentinel `url`; `options` are TLS file settings."""
     target = parse_target(url)
     socket_options: dict[str, Any] = {
         "socket_timeout": timeout_s,
@@ -79,12 +122,7 @@ def make_client(url: str, *, timeout_s: float, max_connections: int, options: Ma
         "protocol": 2,
     }
     if target.kind == "single":
-        # A blocking pool: a burst waits for a free connection (within the call's timeout)
-        # instead of failing with "too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout_s, **socket_options, **options
-        )
-        return aioredis.Redis(connection_pool=pool)
+        raise ValueError("one Redis server is served by the pipelined client (endpoint_from_url)")
     tls: dict[str, Any] = {"ssl": True, **options} if target.tls else {}
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":

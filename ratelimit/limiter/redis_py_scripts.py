@@ -1,0 +1,164 @@
+"""The script over redis-py, for Redis Cluster and Sentinel (one server uses `pipelined`).
+
+redis-py follows MOVED/ASK and slot migrations on a cluster and asks the sentinels for the
+primary after a failover. With batching on (Sentinel), the EVALSHAs of all requests that
+arrive in one event-loop turn go out in one pipeline, each still its own atomic script
+call; redis-py refuses script calls in cluster pipelines, so on a cluster each request is its
+own EVALSHA to the node of its slot. redis-py's exceptions are translated here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Awaitable, Mapping
+
+from redis import exceptions as redis_errors
+from redis.asyncio.cluster import RedisCluster
+
+from ratelimit.limiter.redis_connect import make_client
+from ratelimit.limiter.script import SCRIPT_SOURCE
+from ratelimit.limiter.types import BackendError
+
+# Pipelines out at once; more requests queue and go together when one comes back.
+MAX_PIPELINES_IN_FLIGHT = 2
+
+
+class RedisPyScripts:
+    def __init__(
+        self, url: str, *, timeout_s: float, max_connections: int, batching: bool, options: Mapping[str, Any]
+    ) -> None:
+        self._client = make_client(
+            url, timeout_s=max(timeout_s, 0.05), max_connections=max_connections, options=options
+        )
+        self._timeout_s = timeout_s
+        self._sha: str | None = None
+        self._batching = batching and not isinstance(self._client, RedisCluster)
+        self._pending: list[_Call] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+        self._flush_scheduled = False
+        self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
+
+    async def run(self, keys: list[str], args: list[int]) -> Any:
+        return await self._guarded(self._batched(keys, args) if self._batching else self._run_script(keys, args))
+
+    async def _batched(self, keys: list[str], args: list[int]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Call(keys, args, future))
+        self._schedule_flush()
+        return await future
+
+    def _schedule_flush(self) -> None:
+        # Send at the end of this loop turn (so requests that arrive together go together),
+        # unless enough pipelines are out: then the queue goes when one comes back.
+        if self._pending and not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        task = asyncio.create_task(self._execute(batch))
+        self._flushes.add(task)  # keep a reference until done
+        task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._schedule_flush()
+
+    async def _execute(self, batch: list[_Call]) -> None:
+        """Run one pipeline; every outcome lands on its caller's future, never in the loop."""
+        try:
+            if self._sha is None:
+                self._sha = await self._client.script_load(SCRIPT_SOURCE)
+            replies = await self._pipeline(batch)
+            missing = [call for call, reply in zip(batch, replies) if isinstance(reply, redis_errors.NoScriptError)]
+            if missing:  # Redis restarted or SCRIPT FLUSH: load again, invisibly to callers
+                self._sha = await self._client.script_load(SCRIPT_SOURCE)
+                for call, reply in zip(missing, await self._pipeline(missing)):
+                    call.settle(reply)
+            for call, reply in zip(batch, replies):
+                if not isinstance(reply, redis_errors.NoScriptError):
+                    call.settle(reply)
+        except BaseException as exc:  # handed to the callers, who translate it
+            for call in batch:
+                call.settle(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def _pipeline(self, batch: list[_Call]) -> list[Any]:
+        assert self._sha is not None  # loaded by the caller
+        self.round_trips += 1
+        if len(batch) == 1:  # a plain call costs less than a pipeline of one
+            call = batch[0]
+            try:
+                return [await self._client.evalsha(self._sha, len(call.keys), *call.keys, *call.args)]
+            except redis_errors.NoScriptError as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for call in batch:
+            pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _run_script(self, keys: list[str], args: list[int]) -> Any:
+        if self._sha is None:
+            self._sha = await self._client.script_load(SCRIPT_SOURCE)
+        try:
+            self.round_trips += 1
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except redis_errors.NoScriptError:
+            # Redis restarted or SCRIPT FLUSH: load again, invisibly to the caller.
+            self._sha = await self._client.script_load(SCRIPT_SOURCE)
+            self.round_trips += 1
+            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+
+    async def _guarded(self, call: Awaitable[Any]) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):  # no extra task, unlike wait_for
+                return await call
+        except (TimeoutError, redis_errors.TimeoutError) as exc:
+            raise BackendError("timeout", f"redis did not answer within {self._timeout_s * 1000:g} ms") from exc
+        except redis_errors.ConnectionError as exc:
+            raise BackendError("connection", f"redis connection failed: {exc}") from exc
+        except redis_errors.ResponseError as exc:
+            raise BackendError("script", f"redis error: {exc}") from exc
+        except redis_errors.RedisError as exc:
+            raise BackendError("other", f"redis failure: {exc}") from exc
+        except OSError as exc:
+            raise BackendError("connection", f"redis connection failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._guarded(self._client.ping())
+
+    async def prepare(self) -> None:
+        try:
+            self._sha = await self._client.script_load(SCRIPT_SOURCE)
+        except redis_errors.RedisError as exc:
+            raise BackendError("connection", f"redis not ready: {exc}") from exc
+
+    async def close(self) -> None:
+        for task in list(self._flushes):
+            task.cancel()
+        if isinstance(self._client, RedisCluster):
+            await self._client.aclose()
+        else:  # the sentinel's primary: its pool is not closed with it by default
+            await self._client.aclose(close_connection_pool=True)
+
+
+@dataclass(slots=True)
+class _Call:
+    keys: list[str]
+    args: list[int]
+    future: asyncio.Future[Any]
+
+    def settle(self, outcome: Any) -> None:
+        if self.future.done():  # the caller gave up (timeout) meanwhile
+            return
+        if isinstance(outcome, asyncio.CancelledError):
+            self.future.cancel()
+        elif isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)

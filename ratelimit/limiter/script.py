@@ -1,0 +1,39 @@
+"""The one Lua script that decides a request (`lua/evaluate.lua`): its source, arguments and reply."""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any, Sequence
+
+from ratelimit.limiter.types import BackendError, CounterRequest, CounterResult, Decision
+
+SCRIPT_SOURCE = resources.files("ratelimit.limiter").joinpath("lua/evaluate.lua").read_text()
+# What Redis calls the script (EVALSHA), known without asking it.
+SCRIPT_SHA = hashlib.sha1(SCRIPT_SOURCE.encode()).hexdigest()
+
+
+def script_arguments(requests: Sequence[CounterRequest]) -> tuple[list[str], list[int]]:
+    """KEYS and ARGV: one key and five numbers per counter."""
+    keys = [request.key for request in requests]
+    args: list[int] = []
+    for request in requests:
+        window = request.window
+        args += (request.limit, window.bucket_ms, window.span, request.hits, int(request.role))
+    return keys, args
+
+
+def decision_from_reply(reply: Any, count: int) -> Decision:
+    """{admitted, now_ms, then over_limit, used, reset_ms per counter} as a Decision."""
+    if not isinstance(reply, list) or len(reply) != 2 + 3 * count:
+        size = len(reply) if isinstance(reply, list) else type(reply).__name__
+        raise BackendError("script", f"unexpected script reply ({size}) for {count} counters")
+    results = tuple(
+        CounterResult(
+            over_limit=bool(reply[2 + 3 * i]),
+            used=int(reply[3 + 3 * i]),
+            reset_ms=int(reply[4 + 3 * i]),
+        )
+        for i in range(count)
+    )
+    return Decision(admitted=bool(reply[0]), now_ms=int(reply[1]), results=results)
