@@ -129,13 +129,14 @@ class _Connection(asyncio.Protocol):
 
 
 class PipelinedRedis:
-    """Commands of one loop turn go out in one write on one connection (`batching`), or each
-    in its own write; the connection is opened on first use and again after a loss.
+    """Commands pipelined on one connection, opened on first use and again after a loss.
 
-    At most `max_writes_in_flight` writes wait for their replies; later commands queue and
-    leave together when a write is answered. Besides making batches grow under load, this
-    bounds what a frozen Redis can be handed: queued commands whose callers gave up are never
-    sent, so they can never be carried out later without an answer.
+    A command goes out at once while fewer than `max_writes_in_flight` writes wait for their
+    replies. Beyond that, commands queue; with `batching`, the queue leaves in one write at
+    the end of the loop turn or when a write is answered, whichever allows it first (so
+    batches grow with the load, and a light load pays no wait); without, one write each.
+    The bound also limits what a frozen Redis can be handed: queued commands whose callers
+    gave up are never sent, so they can never be carried out later without an answer.
     """
 
     def __init__(
@@ -153,9 +154,16 @@ class PipelinedRedis:
         self.round_trips = 0  # writes of commands (one per batch)
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
-        """Queue a packed command; the future gets the reply, a RedisReplyError or a BackendError."""
+        """Send a packed command; the future gets the reply, a RedisReplyError or a BackendError."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        connection = self._connection
+        if connection is not None and not self._queue and connection.batches_in_flight < self._max_writes_in_flight:
+            # Nothing to wait for: out at once (under light load every call goes this way).
+            self.round_trips += 1
+            connection.write(command, [future])
+            loop.call_later(self._timeout_s, self._expire, [future])
+            return future
         self._queue.append((command, future))
         self._unarmed.append(future)
         if not self._batching:
