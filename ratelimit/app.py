@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -150,12 +151,33 @@ class Replica:
         log.info("stopped")
 
     async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then drain and return."""
-        stop_requested = asyncio.Event()
+        """Serve until SIGTERM or SIGINT, then drain and return.
+
+        SIGTERM (what orchestrators send) first waits `shutdown_delay_s` with health
+        NOT_SERVING while still answering; SIGINT (Ctrl-C), or a second signal, skips that.
+        """
+        signals: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop_requested.set)
+            loop.add_signal_handler(signum, signals.put_nowait, signum)
         await self.start()
-        await stop_requested.wait()
-        log.info("signal received: draining in-flight calls (up to %.1f s)", self.settings.shutdown_grace_s)
+        _freeze_startup_heap()
+        first = await signals.get()
+        delay_s = self.settings.shutdown_delay_s if first == signal.SIGTERM else 0.0
+        if delay_s > 0:
+            # Load balancers learn from health checks, seconds later: until then calls still
+            # come here, and answering them beats refusing them.
+            log.info("SIGTERM: health NOT_SERVING, still answering for %.1f s", delay_s)
+            await self.server.health.drain()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signals.get(), delay_s)
+        log.info("draining in-flight calls (up to %.1f s)", self.settings.shutdown_grace_s)
         await self.stop()
+
+
+def _freeze_startup_heap() -> None:
+    """Keep what start-up built (gRPC, protobuf descriptors, the config) out of every later
+    garbage collection: it lives as long as the process, and scanning it made each full
+    collection stall all calls for 25-30 ms (the p99 of a half-loaded server)."""
+    gc.collect()
+    gc.freeze()

@@ -109,7 +109,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("--header-remaining", "RateLimit-Remaining", "name of the remaining header"),
     Option("--header-reset", "RateLimit-Reset", "name of the reset header"),
     Option("--config-poll-s", 1.0, "how often the config files are checked for changes; 0 disables reload", float),
-    Option("--shutdown-grace-s", 10.0, "how long SIGTERM waits for in-flight calls", float),
+    Option(
+        "--shutdown-delay-s",
+        0.0,
+        "after SIGTERM, keep answering this long with health NOT_SERVING, so that load balancers "
+        "(Envoy's health checks) move away before calls are refused; a second signal skips the rest",
+        float,
+    ),
+    Option("--shutdown-grace-s", 10.0, "how long SIGTERM waits for in-flight calls (after the delay)", float),
     Option("--log-level", "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
 )
 
@@ -150,6 +157,7 @@ class Settings:
     header_remaining: str
     header_reset: str
     config_poll_s: float
+    shutdown_delay_s: float
     shutdown_grace_s: float
     log_level: str
 

@@ -3,7 +3,7 @@
 Python's gRPC stack, not Redis, is the ceiling of one process, so a node runs several
 processes that share the gRPC port through SO_REUSEPORT (the kernel spreads connections).
 Workers write their metrics to prometheus_client's multiprocess files; this supervisor
-serves their sum. SIGTERM is passed on to every worker, each drains its calls; the
+serves their sum. SIGTERM and SIGINT are passed on to every worker, each drains its calls; the
 supervisor exits 0 when all of them did. A worker that dies on its own takes the node
 down (exit 1), so the orchestrator restarts a whole, known-good node.
 """
@@ -45,11 +45,12 @@ def run_workers(settings: Settings) -> int:
     stopping = False
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        # The same signal: each worker treats SIGTERM (shutdown delay) and SIGINT (none) alike.
         nonlocal stopping
         stopping = True
         for worker in workers:
             if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
+                worker.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -67,7 +68,7 @@ def run_workers(settings: Settings) -> int:
             dead = [w for w in workers if w.poll() is not None]
             log.error("worker %d exited with %s; stopping the node", dead[0].pid, dead[0].returncode)
             forward(signal.SIGTERM, None)
-        codes = [worker.wait(timeout=settings.shutdown_grace_s + 10) for worker in workers]
+        codes = [worker.wait(timeout=settings.shutdown_delay_s + settings.shutdown_grace_s + 10) for worker in workers]
         return 0 if stopping and all(code == 0 for code in codes) else 1
     finally:
         for worker in workers:

@@ -243,10 +243,14 @@ def _signal(record: ProcessRecord, signum: signal.Signals) -> None:
 
 
 def stop(state: State, services: Sequence[str], timeout_s: float = STOP_TIMEOUT_S) -> list[str]:
-    """SIGTERM (each service drains), then SIGKILL what is still there after timeout_s."""
+    """SIGINT, then SIGKILL what is still there after timeout_s.
+
+    SIGINT, not SIGTERM: `down` means now, so a replica skips its shutdown delay (meant for
+    load balancers to move away) and only drains its calls; the other services stop alike.
+    """
     records = {service: record for service in services if (record := state.running(service)) is not None}
     for record in records.values():
-        _signal(record, signal.SIGTERM)
+        _signal(record, signal.SIGINT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(_is_alive(record) for record in records.values()):
         time.sleep(0.1)

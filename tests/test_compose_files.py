@@ -160,6 +160,26 @@ def test_every_replica_is_in_envoys_rls_cluster_over_http2_with_grpc_health_chec
     assert cluster["common_lb_config"]["healthy_panic_threshold"]["value"] == 0
 
 
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+def test_a_stopping_replica_answers_until_envoy_has_moved_away_and_docker_waits_for_its_drain(
+    compose: dict[str, Any], envoy: dict[str, Any]
+) -> None:
+    (health_check,) = _rls_cluster(envoy)["health_checks"]
+    # Envoy marks a replica unhealthy after this many failed checks, one interval apart.
+    ejected_within_s = _seconds(health_check["interval"]) * (health_check["unhealthy_threshold"] + 1)
+    for replica in REPLICAS:
+        service = compose["services"][replica]
+        environment = service["environment"]
+        delay_s = float(environment["RATELIMIT_SHUTDOWN_DELAY_S"])
+        grace_s = float(environment["RATELIMIT_SHUTDOWN_GRACE_S"])
+        assert delay_s >= ejected_within_s, replica
+        assert _seconds(service["stop_grace_period"]) > delay_s + grace_s, replica
+
+
 def test_envoys_rate_limit_filter_asks_the_rls_cluster_for_the_demo_domain(envoy: dict[str, Any]) -> None:
     filters = _http_filters(envoy)
     assert list(filters) == ["envoy.filters.http.ratelimit", "envoy.filters.http.router"]

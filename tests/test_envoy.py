@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -160,6 +161,30 @@ def test_three_replicas_keep_the_global_limit_when_one_is_killed_mid_test(tmp_pa
     assert set(answers) <= {200, 429, 500}
     assert answers.count(500) <= 3  # only calls in flight to the killed replica
     assert settled == [429] * 5
+
+
+def test_a_replica_stopped_with_sigterm_and_a_shutdown_delay_fails_no_request_through_envoy(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # Envoy's checks here: every 0.5 s, out after one failure; the delay outlasts that.
+    delay = ["--shutdown-delay-s", "1.5"]
+    with contextlib.ExitStack() as stack:
+        replicas = [
+            stack.enter_context(running_replica(tmp_path, [LIMITS], redis_url=redis_url, extra_args=delay))
+            for _ in range(3)
+        ]
+        envoy = stack.enter_context(edge(tmp_path, replicas, failure_mode_deny=True))
+        answers: list[int] = []
+        replicas[1].process.send_signal(signal.SIGTERM)
+        sigterm_at = time.monotonic()
+        while replicas[1].process.poll() is None and time.monotonic() - sigterm_at < 10:
+            answers.append(envoy.get("/user", {"x-user-id": f"u{len(answers)}"})[0])
+        exit_code = replicas[1].process.wait(timeout=15)
+        answers += [envoy.get("/user", {"x-user-id": f"after-{n}"})[0] for n in range(5)]
+    print(f"\nSIGTERM with a 1.5 s shutdown delay: {len(answers)} requests, {answers.count(500)} x 500")
+    assert exit_code == 0
+    assert len(answers) >= 100
+    assert answers == [200] * len(answers)  # failure_mode_deny: a failed RLS call would be a 500
 
 
 def test_the_readme_envoy_example_runs_as_written(tmp_path: Path) -> None:

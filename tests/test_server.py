@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -155,6 +156,54 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path, redis_ur
     assert time.monotonic() - started >= 0.5  # it waited for the calls, not cut them
     assert "draining in-flight calls" in replica.log()
     assert "Traceback" not in replica.log()
+
+
+def _health(channel: grpc.Channel) -> str:
+    response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def test_sigterm_with_a_shutdown_delay_answers_calls_while_health_says_not_serving(
+    tmp_path: Path, redis_url: str
+) -> None:
+    delay_s = 1.5
+    with (
+        running_replica(
+            tmp_path, [SERVICE_YAML], redis_url=redis_url, extra_args=["--shutdown-delay-s", str(delay_s)]
+        ) as replica,
+        grpc.insecure_channel(replica.target) as channel,
+        RateLimitClient(replica.target, timeout_s=2) as client,
+    ):
+        assert _health(channel) == "SERVING"
+        sigterm_at = time.monotonic()
+        replica.process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert _health(channel) == "NOT_SERVING"
+        answered = []
+        while time.monotonic() - sigterm_at < delay_s - 0.3:  # load balancers still send calls
+            answered.append(client.should_rate_limit("svc", [[("roomy", "late")]]).overall_code)
+            time.sleep(0.05)
+        exit_code = replica.process.wait(timeout=15)
+        exited_after_s = time.monotonic() - sigterm_at
+    assert exit_code == 0
+    assert len(answered) >= 10 and set(answered) == {"OK"}
+    assert delay_s <= exited_after_s < delay_s + 3
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM, signal.SIGTERM]], ids=["sigint", "2xsigterm"])
+def test_sigint_or_a_second_sigterm_skips_the_shutdown_delay(
+    tmp_path: Path, redis_url: str, signals: list[signal.Signals]
+) -> None:
+    with running_replica(
+        tmp_path, [SERVICE_YAML], redis_url=redis_url, extra_args=["--shutdown-delay-s", "60"]
+    ) as replica:
+        started = time.monotonic()
+        for signum in signals:
+            replica.process.send_signal(signum)
+            time.sleep(0.3)
+        exit_code = replica.process.wait(timeout=15)
+    assert exit_code == 0
+    assert time.monotonic() - started < 5
 
 
 def test_bad_config_at_start_exits_with_file_and_key(tmp_path: Path) -> None:
