@@ -6,6 +6,8 @@ the service's exceptions to gRPC status codes; it never lets a traceback reach a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, TypeAlias, cast
@@ -38,6 +40,8 @@ _ProtoCode: TypeAlias = "rls_pb2.RateLimitResponse.Code"
 _ProtoUnit: TypeAlias = "rls_pb2.RateLimitResponse.RateLimit.Unit"
 # Requests larger than this are refused with RESOURCE_EXHAUSTED before parsing.
 MAX_MESSAGE_BYTES = 1024 * 1024
+# After the last call of a drain: time for its answer to leave before the connections close.
+ANSWER_FLUSH_S = 0.1
 
 
 def descriptors_from_proto(request: rls_pb2.RateLimitRequest) -> list[DescriptorRequest]:
@@ -90,6 +94,16 @@ class RateLimitServicer:
     def __init__(self, service: RateLimitService, metrics: Metrics) -> None:
         self._service = service
         self._metrics = metrics
+        self._in_flight = 0
+        self._refusing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def refuse_new_calls_and_wait_idle(self, timeout_s: float) -> None:
+        """From now on answer UNAVAILABLE at once; return when the calls under way are done."""
+        self._refusing = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -106,8 +120,14 @@ class RateLimitServicer:
     async def ShouldRateLimit(
         self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
     ) -> rls_pb2.RateLimitResponse:
+        if self._refusing:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details("the rate limit service is shutting down")
+            return rls_pb2.RateLimitResponse()
         started = time.perf_counter()
         outcome = "error"
+        self._in_flight += 1
+        self._idle.clear()
         try:
             try:
                 request = rls_pb2.RateLimitRequest.FromString(raw)
@@ -130,6 +150,9 @@ class RateLimitServicer:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the rate limit service")
         finally:
             self._metrics.rpc_duration.labels(outcome).observe(time.perf_counter() - started)
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
         raise AssertionError("unreachable: context.abort raises")
 
 
@@ -157,7 +180,8 @@ class RateLimitServer:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
-        self._server.add_generic_rpc_handlers((RateLimitServicer(service, metrics).handler(),))
+        self._servicer = RateLimitServicer(service, metrics)
+        self._server.add_generic_rpc_handlers((self._servicer.handler(),))
         self.health = DrainingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -189,7 +213,14 @@ class RateLimitServer:
 
     async def stop(self, grace_s: float) -> None:
         await self.health.drain()  # NOT_SERVING everywhere first: Envoy's checks steer away
-        await self._server.stop(grace_s)
+        # Drain here rather than in grpc's stop: when that returns it closes the connections at
+        # once, and a client still sending has its socket reset, which can wipe answers it has
+        # not read yet (answered and charged, but seen as failed). So: refuse new calls, let
+        # those under way finish, give their answers a moment to leave, then stop.
+        deadline = time.monotonic() + grace_s
+        await self._servicer.refuse_new_calls_and_wait_idle(grace_s)
+        await asyncio.sleep(ANSWER_FLUSH_S)
+        await self._server.stop(max(0.0, deadline - time.monotonic()))
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()

@@ -136,8 +136,12 @@ def test_sigterm_under_load_turns_health_not_serving_drains_in_flight_calls_and_
     # It waited for the calls, not for the whole grace period (10 s).
     assert drained_at - sigterm_at >= 0.5
     assert exited_at - sigterm_at < 6.0
-    # Calls after SIGTERM are refused (UNAVAILABLE), not cut off mid-way or left hanging.
-    assert {s.code for s in samples if not s.answered} <= {"UNAVAILABLE"}
+    # Calls after SIGTERM are refused (UNAVAILABLE), not cut off mid-way or left hanging. One
+    # that reaches gRPC in the instant the server closes is cancelled by gRPC's core before the
+    # service sees it (CANCELLED); only calls sent after SIGTERM may end so, and the count
+    # below shows that none of them was charged.
+    assert {s.code for s in samples if not s.answered and s.sent_s < sigterm_at} <= {"UNAVAILABLE"}
+    assert {s.code for s in samples if not s.answered} <= {"UNAVAILABLE", "CANCELLED"}
     # Every answered call was charged once; refused ones were not charged.
     assert counted == len(admitted(samples))
     assert "draining in-flight calls" in log and "Traceback" not in log
