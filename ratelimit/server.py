@@ -96,14 +96,16 @@ class RateLimitServicer:
         self._metrics = metrics
         self._in_flight = 0
         self._refusing = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._drained: asyncio.Future[None] | None = None  # only while a drain waits
 
     async def refuse_new_calls_and_wait_idle(self, timeout_s: float) -> None:
         """From now on answer UNAVAILABLE at once; return when the calls under way are done."""
         self._refusing = True
+        if not self._in_flight:
+            return
+        self._drained = asyncio.get_running_loop().create_future()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout_s)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -127,7 +129,6 @@ class RateLimitServicer:
         started = time.perf_counter()
         outcome = "error"
         self._in_flight += 1
-        self._idle.clear()
         try:
             try:
                 request = rls_pb2.RateLimitRequest.FromString(raw)
@@ -151,8 +152,8 @@ class RateLimitServicer:
         finally:
             self._metrics.rpc_duration.labels(outcome).observe(time.perf_counter() - started)
             self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            if not self._in_flight and self._drained is not None and not self._drained.done():
+                self._drained.set_result(None)
         raise AssertionError("unreachable: context.abort raises")
 
 

@@ -23,7 +23,7 @@ import asyncio
 import collections
 import ssl
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterable, cast
 
 import hiredis
 
@@ -126,10 +126,8 @@ class _Connection(asyncio.Protocol):
 
     def _fail_waiting(self, error: BackendError) -> None:
         self._batch_sizes.clear()
-        while self._waiting:
-            future = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+        waiting, self._waiting = self._waiting, collections.deque()
+        _fail(waiting, error)
 
 
 class PipelinedRedis:
@@ -164,8 +162,7 @@ class PipelinedRedis:
         connection = self._connection
         if connection is not None and not self._queue and connection.batches_in_flight < self._max_writes_in_flight:
             # Nothing to wait for: out at once (under light load every call goes this way).
-            self.round_trips += 1
-            connection.write(command, [future])
+            self._write(connection, command, [future])
             loop.call_later(self._timeout_s, self._expire, [future])
             return future
         self._queue.append((command, future))
@@ -199,8 +196,11 @@ class PipelinedRedis:
                 batch, self._queue = self._queue[:1], self._queue[1:]
             live = [(command, future) for command, future in batch if not future.done()]
             if live:
-                self.round_trips += 1
-                connection.write(b"".join(command for command, _ in live), [future for _, future in live])
+                self._write(connection, b"".join(command for command, _ in live), [future for _, future in live])
+
+    def _write(self, connection: _Connection, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
+        self.round_trips += 1
+        connection.write(data, futures)
 
     def _expire(self, futures: list[asyncio.Future[Any]]) -> None:
         late = [future for future in futures if not future.done()]
@@ -208,9 +208,7 @@ class PipelinedRedis:
             return
         owed = self._connection is not None and any(self._connection.owes(future) for future in late)
         message = f"redis did not answer within {self._timeout_s * 1000:g} ms"
-        error = BackendError("timeout", message)
-        for future in late:
-            future.set_exception(error)
+        _fail(late, BackendError("timeout", message))
         if owed and self._connection is not None:
             # The replies still owed would come out of step with later calls: start afresh.
             # Calls written after these waited on the same silent Redis: timed out too.
@@ -261,9 +259,7 @@ class PipelinedRedis:
 
     def _fail_queue(self, error: BackendError) -> None:
         queue, self._queue = self._queue, []
-        for _, future in queue:
-            if not future.done():
-                future.set_exception(error)
+        _fail((future for _, future in queue), error)
 
     def _new_connection(self) -> _Connection:
         return _Connection(self._lost, self._flush)
@@ -279,6 +275,12 @@ class PipelinedRedis:
             self._connection.abort("connection", "client closed")
             self._connection = None
         self._fail_queue(BackendError("connection", "client closed"))
+
+
+def _fail(futures: Iterable[asyncio.Future[Any]], error: BackendError) -> None:
+    for future in futures:
+        if not future.done():  # its caller may have given up already
+            future.set_exception(error)
 
 
 def _connect_error(exc: BaseException, timeout_s: float) -> BackendError:

@@ -1,9 +1,9 @@
 """Counters in Redis: one script call per request, whatever the number of descriptors.
 
-One server (`redis://`, `rediss://`, `unix://`) goes through the lean pipelined client: the
-script calls of all requests that arrive in one event-loop turn leave in one write on one
-connection, each still its own atomic EVALSHA. Redis Cluster and Sentinel go through redis-py,
-which follows redirections and failovers (`redis_py_scripts`).
+One server (`redis://`, `rediss://`, `unix://`) goes through the lean pipelined client
+(`pipelined`): one connection, calls written at once or, under load, several in one write,
+each still its own atomic EVALSHA. Redis Cluster and Sentinel go through redis-py, which
+follows redirections and failovers (`redis_py_scripts`).
 """
 
 from __future__ import annotations
@@ -48,14 +48,15 @@ class RedisBackend(Backend):
         connection_options: Mapping[str, Any] | None = None,
     ) -> None:
         options = connection_options or {}
+        target = parse_target(url)
         self._runner: ScriptRunner
-        if parse_target(url).kind == "single":
+        if target.kind == "single":
             self._runner = PipelinedScripts(
                 url, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
             )
         else:
             self._runner = RedisPyScripts(
-                url, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
+                target, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
             )
 
     @property

@@ -106,9 +106,8 @@ def _ssl_context(files: Mapping[str, str]) -> ssl.SSLContext:
     return context
 
 
-def make_client(url: str, *, timeout_s: float, max_connections: int, options: Mapping[str, Any]) -> Any:
-    """A redis-py client for a cluster or sentinel `url`; `options` are TLS file settings."""
-    target = parse_target(url)
+def make_client(target: RedisTarget, *, timeout_s: float, max_connections: int, options: Mapping[str, Any]) -> Any:
+    """A redis-py client for a cluster or sentinel target; `options` are TLS file settings."""
     socket_options: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
@@ -121,8 +120,6 @@ def make_client(url: str, *, timeout_s: float, max_connections: int, options: Ma
         # restart, proxy) would fail the next call.
         "protocol": 2,
     }
-    if target.kind == "single":
-        raise ValueError("one Redis server is served by the pipelined client (endpoint_from_url)")
     tls: dict[str, Any] = {"ssl": True, **options} if target.tls else {}
     auth: dict[str, Any] = {"username": target.username, "password": target.password}
     if target.kind == "cluster":

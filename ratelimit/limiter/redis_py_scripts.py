@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Mapping
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
-from ratelimit.limiter.redis_connect import make_client
+from ratelimit.limiter.redis_connect import RedisTarget, make_client
 from ratelimit.limiter.script import SCRIPT_SOURCE
 from ratelimit.limiter.types import BackendError
 
@@ -26,11 +26,16 @@ MAX_PIPELINES_IN_FLIGHT = 2
 
 class RedisPyScripts:
     def __init__(
-        self, url: str, *, timeout_s: float, max_connections: int, batching: bool, options: Mapping[str, Any]
+        self,
+        target: RedisTarget,
+        *,
+        timeout_s: float,
+        max_connections: int,
+        batching: bool,
+        options: Mapping[str, Any],
     ) -> None:
-        self._client = make_client(
-            url, timeout_s=max(timeout_s, 0.05), max_connections=max_connections, options=options
-        )
+        floor_s = max(timeout_s, 0.05)  # redis-py's socket timeouts below this fail healthy calls
+        self._client = make_client(target, timeout_s=floor_s, max_connections=max_connections, options=options)
         self._timeout_s = timeout_s
         self._sha: str | None = None
         self._batching = batching and not isinstance(self._client, RedisCluster)
