@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ratelimit.client import RateLimitClient, build_request
 from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from tests.faults import probes
 from tests.support.replica import PROJECT_ROOT, running_replica
 
 SERVICE_YAML = Path(__file__).parent / "data" / "service.yaml"
@@ -158,11 +159,6 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path, redis_ur
     assert "Traceback" not in replica.log()
 
 
-def _health(channel: grpc.Channel) -> str:
-    response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-
-
 def test_sigterm_with_a_shutdown_delay_answers_calls_while_health_says_not_serving(
     tmp_path: Path, redis_url: str
 ) -> None:
@@ -171,14 +167,13 @@ def test_sigterm_with_a_shutdown_delay_answers_calls_while_health_says_not_servi
         running_replica(
             tmp_path, [SERVICE_YAML], redis_url=redis_url, extra_args=["--shutdown-delay-s", str(delay_s)]
         ) as replica,
-        grpc.insecure_channel(replica.target) as channel,
         RateLimitClient(replica.target, timeout_s=2) as client,
     ):
-        assert _health(channel) == "SERVING"
+        assert probes.health(replica.target, "") == health_pb2.HealthCheckResponse.SERVING
         sigterm_at = time.monotonic()
         replica.process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
-        assert _health(channel) == "NOT_SERVING"
+        assert probes.health(replica.target, "") == health_pb2.HealthCheckResponse.NOT_SERVING
         answered = []
         while time.monotonic() - sigterm_at < delay_s - 0.3:  # load balancers still send calls
             answered.append(client.should_rate_limit("svc", [[("roomy", "late")]]).overall_code)
