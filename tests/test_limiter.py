@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Awaitable, Callable, TypeVar
 
 import pytest
@@ -130,11 +131,16 @@ def test_waiting_duration_until_reset_lets_the_same_request_in(
     run(make_backend, scenario)
 
 
-def test_fixed_window_reset_is_seconds_to_the_epoch_aligned_window_end(make_backend: BackendFactory) -> None:
+def test_fixed_window_reset_is_exactly_the_epoch_aligned_window_end(make_backend: BackendFactory) -> None:
+    """Exact to the millisecond; rounded up to whole seconds (as the server reports it), it is
+    the seconds envoyproxy/ratelimit reports."""
+
     async def scenario(backend: Backend) -> None:
         decision = await backend.evaluate([counter("fixed", 10, algorithm=Algorithm.FIXED_WINDOW)])
         now_s = decision.now_ms // 1000
-        assert decision.results[0].reset_ms == (60 - now_s % 60) * 1000
+        window_end_ms = (decision.now_ms // 60_000 + 1) * 60_000
+        assert decision.results[0].reset_ms == window_end_ms - decision.now_ms
+        assert math.ceil(decision.results[0].reset_ms / 1000) == 60 - now_s % 60
         assert decision.results[0].remaining(10) == 9
 
     run(make_backend, scenario)

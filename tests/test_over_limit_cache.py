@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+import time
+from typing import Any, Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratelimit.config.model import Unit
+from ratelimit.config.model import Algorithm, Unit
 from ratelimit.limiter import CounterRequest, Decision, Role
 from ratelimit.limiter.cache import OverLimitCache
 from ratelimit.limiter.memory import MemoryBackend
@@ -85,39 +86,134 @@ def test_requests_the_cache_cannot_answer_exactly_go_to_the_store() -> None:
             [counter("full", 1, role=Role.QUOTA)],
             [full, counter("other", 5)],  # the other counter's status is unknown here
             [counter("full", 3)],  # same key, another limit (an override)
+            [full, full],  # named twice: the second's answer depends on the first's hit
+            [counter("zero", 0)],  # never met: its reset moves with the clock
         ):
             await cache.evaluate(request)
-        assert store.calls == calls + 6
-        await cache.evaluate([full, full])
-        assert store.calls == calls + 6
+        assert store.calls == calls + 8
 
     asyncio.run(scenario())
 
 
-@settings(max_examples=150, deadline=None)
-@given(
-    gaps=st.lists(st.integers(0, 120), min_size=1, max_size=200),
-    limits=st.lists(st.integers(0, 6), min_size=1, max_size=3),
-    picks=st.lists(st.integers(0, 2), min_size=200, max_size=200),
+# A small config: each counter has one limit, unit, algorithm and role, as a rule does.
+# "shared" is named by two descriptors of a request when it is picked twice (share_threshold).
+POOL = (
+    ("a", 1, Unit.SECOND, Algorithm.SLIDING_WINDOW, Role.ENFORCE),
+    ("b", 3, Unit.SECOND, Algorithm.FIXED_WINDOW, Role.ENFORCE),
+    ("c", 2, Unit.MINUTE, Algorithm.SLIDING_WINDOW, Role.ENFORCE),
+    ("d", 5, Unit.MINUTE, Algorithm.FIXED_WINDOW, Role.ENFORCE),
+    ("shared", 2, Unit.SECOND, Algorithm.SLIDING_WINDOW, Role.ENFORCE),
+    ("shadow", 1, Unit.SECOND, Algorithm.SLIDING_WINDOW, Role.SHADOW),
+    ("quota", 2, Unit.SECOND, Algorithm.FIXED_WINDOW, Role.QUOTA),
+    ("zero", 0, Unit.SECOND, Algorithm.SLIDING_WINDOW, Role.ENFORCE),
 )
-def test_cached_and_uncached_decisions_are_identical(gaps: list[int], limits: list[int], picks: list[int]) -> None:
+
+descriptor_choice = st.tuples(
+    st.integers(0, len(POOL) - 1),
+    st.sampled_from(("one", "one", "one", "zero", "two", "over")),  # hits: 1, 0, 2, limit + 1
+)
+step = st.tuples(st.integers(0, 700), st.lists(descriptor_choice, min_size=1, max_size=4))
+
+
+def pool_request(index: int, hits_kind: str) -> CounterRequest:
+    name, limit, unit, algorithm, role = POOL[index]
+    hits = {"one": 1, "zero": 0, "two": 2, "over": limit + 1}[hits_kind]
+    return counter(name, limit, hits=hits, unit=unit, algorithm=algorithm, role=role)
+
+
+@settings(max_examples=300, deadline=None)
+@given(start_ms=st.integers(0, 999), steps=st.lists(step, min_size=1, max_size=120))
+def test_cached_and_uncached_decisions_are_identical(start_ms: int, steps: list[tuple[int, list[Any]]]) -> None:
+    """Random sequences with duplicates, shared counters, multi-hit, zero-hit, shadow, quota,
+    fixed and sliding windows: with the cache on, every answer is the store's own."""
     plain_clock, cached_clock = ManualClock(), ManualClock()
+    plain_clock.now_ms += start_ms
+    cached_clock.now_ms += start_ms
     plain = MemoryBackend(plain_clock.ms)
     cache = OverLimitCache(MemoryBackend(cached_clock.ms), clock_s=cached_clock.seconds)
 
     async def scenario() -> None:
-        for gap, pick in zip(gaps, picks):
-            plain_clock.now_ms += gap
-            cached_clock.now_ms += gap
-            limit = limits[pick % len(limits)]
-            request = [counter(f"k{pick % len(limits)}", limit, unit=Unit.SECOND)]
+        for gap_ms, picks in steps:
+            plain_clock.now_ms += gap_ms
+            cached_clock.now_ms += gap_ms
+            request = [pool_request(index, hits) for index, hits in picks]
             expected, got = await plain.evaluate(request), await cache.evaluate(request)
             assert got.admitted == expected.admitted
-            assert got.results[0].over_limit == expected.results[0].over_limit
-            assert got.results[0].remaining(limit) == expected.results[0].remaining(limit)
-            assert got.results[0].reset_ms <= expected.results[0].reset_ms
+            assert got.results == expected.results  # over_limit, used and reset_ms, exactly
 
     asyncio.run(scenario())
+
+
+def test_a_counter_named_twice_is_refused_without_poisoning_the_cache() -> None:
+    """Attack 1: limit 1; one request names the counter twice (or two descriptors share one
+    share_threshold counter). Refused, nothing charged, and the next single request is
+    answered as without the cache: admitted."""
+    _clock, store, cache = cached_pair()
+    bob = counter("bob", 1)
+
+    async def scenario() -> None:
+        twice = await cache.evaluate([bob, bob])
+        assert not twice.admitted
+        assert store.raw_buckets(bob.key) == {}  # nothing charged
+        assert len(cache) == 0
+        assert (await cache.evaluate([bob])).admitted
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_multi_hit_request_does_not_make_the_counter_look_full() -> None:
+    _clock, _store, cache = cached_pair()
+
+    async def scenario() -> None:
+        assert not (await cache.evaluate([counter("big", 3, hits=4)])).admitted
+        assert (await cache.evaluate([counter("big", 3)])).admitted
+
+    asyncio.run(scenario())
+
+
+def test_a_full_fixed_window_is_cached_until_the_window_ends_not_a_second_later() -> None:
+    """Attack 4: a 2/s fixed window refused at ms 701 of a second is admitted again at ms
+    1000 by the store, and so by the cache."""
+    clock, store, cache = cached_pair()
+    clock.now_ms = START_MS - START_MS % 1000 + 701
+    request = counter("fixed", 2, unit=Unit.SECOND, algorithm=Algorithm.FIXED_WINDOW)
+
+    async def scenario() -> None:
+        for _ in range(2):
+            assert (await cache.evaluate([request])).admitted
+        refused = await cache.evaluate([request])
+        assert not refused.admitted
+        assert refused.results[0].reset_ms == 299  # exactly until the window ends
+        clock.now_ms += 298
+        assert not (await cache.evaluate([request])).admitted
+        calls = store.calls
+        clock.now_ms += 1  # the next window
+        assert (await cache.evaluate([request])).admitted
+        assert store.calls == calls + 1
+
+    asyncio.run(scenario())
+
+
+def test_eviction_is_constant_time_with_many_distinct_full_counters() -> None:
+    """Attack 3: 150,000 distinct full counters through a cache of 100,000 entries. Evicting by
+    deleting a plain dict's first key again and again rescanned its dead slots: single calls
+    took seconds. Every call here stays far below Envoy's timeout, and the size stays capped."""
+    clock, _store, cache = cached_pair()
+    slowest = 0.0
+
+    async def scenario() -> None:
+        nonlocal slowest
+        for index in range(150_000):
+            full = [counter(f"full-{index}", 1)]
+            await cache.evaluate(full)  # admitted: now at its limit
+            started = time.perf_counter()
+            await cache.evaluate(full)  # refused: remembered, evicting the oldest entry
+            slowest = max(slowest, time.perf_counter() - started)
+            clock.now_ms += 0 if index % 1000 else 1
+
+    asyncio.run(scenario())
+    assert len(cache) == 100_000
+    assert slowest < 0.1, f"slowest call {slowest * 1000:.1f} ms"
 
 
 def test_the_cache_in_front_of_redis_keeps_the_promise(redis_url: str) -> None:

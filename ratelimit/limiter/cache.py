@@ -1,16 +1,29 @@
 """An exact local cache of counters known to be over their limit.
 
-When the store rejects a single hit on an enforcing counter, it also says how long the
-counter stays full (`reset_ms`, from the store's clock). Until then the counter can
-only stay full: its hits leave no earlier, and rejected hits charge nothing. So a request
-whose enforcing single-hit counters are all known full gets the store's answer without
-asking it. The local deadline starts when the question was *sent*, which is no later than
-the store's clock read, so an entry expires at or before the true instant: the cache may
-ask the store again early, never answer later than the store would.
+When the store rejects a single hit on an enforcing counter that the request names once, the
+counter is full by itself: its own hits, before this request, leave no room for one more. The
+store also says how long it stays full (`reset_ms`, exact, from the store's clock). Until then
+the counter can only stay full: its hits leave no earlier, and rejected hits charge nothing.
+So a request whose enforcing single-hit counters are all known full gets the store's answer
+without asking it.
+
+Only that verdict is stored. A counter named twice in one request (or two descriptors sharing
+one `share_threshold` counter) may be refused because of the request's own hits, and a
+multi-hit request because of its own size: those say nothing about the next single request,
+so they are never cached, and requests that name a counter twice always go to the store.
+
+The local deadline starts when the question was *sent*, which is no later than the store's
+clock read, so an entry expires at or before the true instant: the cache may ask the store
+again early, never answer later than the store would.
+
+Memory: at most `max_entries` entries; a key is a fixed-size digest (see `keys`), so an entry
+is about 250 bytes (with the default prefix) whatever the request carried. When full, the
+oldest entry goes (O(1)); expired entries are dropped when met.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from typing import Callable, Sequence
@@ -18,6 +31,7 @@ from typing import Callable, Sequence
 from ratelimit.limiter.types import Backend, CounterRequest, CounterResult, Decision, Role, WrappingBackend
 
 CacheKey = tuple[str, int]  # (counter key, limit): an override with another limit is another entry
+DEFAULT_MAX_ENTRIES = 100_000
 
 
 class OverLimitCache(WrappingBackend):
@@ -25,13 +39,17 @@ class OverLimitCache(WrappingBackend):
         self,
         inner: Backend,
         *,
-        max_entries: int = 100_000,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
         clock_s: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(inner)
+        if max_entries < 1:
+            raise ValueError("the over-limit cache needs room for at least one entry")
         self._max_entries = max_entries
         self._clock_s = clock_s
-        self._full_until: dict[CacheKey, float] = {}
+        # Insertion order is the eviction order: popitem(last=False) is O(1), where deleting
+        # the first key of a plain dict again and again rescans its dead slots (quadratic).
+        self._full_until: collections.OrderedDict[CacheKey, float] = collections.OrderedDict()
         self._store_offset_ms = 0  # store clock minus local wall clock, for Decision.now_ms
         self.hits = 0
 
@@ -43,19 +61,30 @@ class OverLimitCache(WrappingBackend):
             return cached
         decision = await self._inner.evaluate(requests)
         self._store_offset_ms = decision.now_ms - time.time_ns() // 1_000_000
+        seen: set[str] = set()
         for request, result in zip(requests, decision.results):
-            if result.over_limit and _cacheable(request):
+            first_mention = request.key not in seen
+            seen.add(request.key)
+            # A first mention with one hit that is over: the counter's own usage, before this
+            # request, is at or over its limit, and reset_ms is the wait for one hit.
+            if first_mention and result.over_limit and _cacheable(request):
                 self._remember((request.key, request.limit), sent_at + result.reset_ms / 1000)
         return decision
 
     def _answer_from_cache(self, requests: Sequence[CounterRequest], now_s: float) -> Decision | None:
-        """The store's answer when every counter is an enforcing single hit known full."""
+        """The store's answer when every counter is an enforcing single hit known full, each named once."""
         results = []
+        keys = set()
         for request in requests:
-            if not _cacheable(request):
+            if not _cacheable(request) or request.key in keys:
                 return None
-            full_until = self._full_until.get((request.key, request.limit))
-            if full_until is None or full_until <= now_s:
+            keys.add(request.key)
+            cache_key = (request.key, request.limit)
+            full_until = self._full_until.get(cache_key)
+            if full_until is None:
+                return None
+            if full_until <= now_s:
+                del self._full_until[cache_key]
                 return None
             results.append(CounterResult(over_limit=True, used=request.limit, reset_ms=_ms_until(full_until, now_s)))
         if not results:
@@ -64,16 +93,12 @@ class OverLimitCache(WrappingBackend):
         return Decision(admitted=False, now_ms=now_ms, results=tuple(results))
 
     def _remember(self, key: CacheKey, until_s: float) -> None:
-        if len(self._full_until) >= self._max_entries:
-            self._evict(self._clock_s())
-        self._full_until[key] = until_s
-
-    def _evict(self, now_s: float) -> None:
-        for key in [key for key, until in self._full_until.items() if until <= now_s]:
-            del self._full_until[key]
-        # Still full of live entries: forget the oldest half; the store stays the truth.
-        while len(self._full_until) >= self._max_entries // 2 and self._full_until:
-            del self._full_until[next(iter(self._full_until))]
+        entries = self._full_until
+        if key in entries:
+            entries.move_to_end(key)
+        elif len(entries) >= self._max_entries:
+            entries.popitem(last=False)  # the store stays the truth: forgetting is always safe
+        entries[key] = until_s
 
     def __len__(self) -> int:
         return len(self._full_until)
@@ -87,5 +112,6 @@ def _ms_until(deadline_s: float, now_s: float) -> int:
 
 def _cacheable(request: CounterRequest) -> bool:
     # The store's reset is computed for this request's hits: only a single hit's reset
-    # bounds every later request (any hits >= 1 needs at least as much room).
-    return request.role is Role.ENFORCE and request.hits == 1
+    # bounds every later request (any hits >= 1 needs at least as much room). A limit of 0
+    # is never met, so its reset ("until a hit made now would leave") moves with the clock.
+    return request.role is Role.ENFORCE and request.hits == 1 and request.limit > 0

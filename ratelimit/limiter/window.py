@@ -40,10 +40,6 @@ class WindowSpec:
             return cls(bucket_ms=window_ms, span=1)
         return cls(bucket_ms=window_ms // BUCKETS_PER_WINDOW, span=BUCKETS_PER_WINDOW + 1)
 
-    @property
-    def is_fixed(self) -> bool:
-        return self.span == 1
-
     def current_bucket(self, now_ms: int) -> int:
         return now_ms // self.bucket_ms
 
@@ -53,10 +49,6 @@ class WindowSpec:
     def leaves_window_at_ms(self, bucket: int) -> int:
         """The instant from which `bucket` is no longer counted."""
         return (bucket + self.span) * self.bucket_ms
-
-    def reference_ms(self, now_ms: int) -> int:
-        # envoyproxy/ratelimit computes a fixed window's reset from whole seconds.
-        return now_ms - now_ms % 1000 if self.is_fixed else now_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +80,13 @@ def reset_ms(
 ) -> int:
     """The wait promised by a status (see CounterResult.reset_ms), from the buckets as they
     were before this request: over the limit, until `need` hits fit; otherwise until the
-    oldest counted hit leaves (or, with none, until a hit made now would)."""
-    reference = spec.reference_ms(now_ms)
+    oldest counted hit leaves (or, with none, until a hit made now would).
+
+    Measured from `now_ms` exactly, for fixed windows too: rounded up to whole seconds (as the
+    server reports it) this is the reset envoyproxy/ratelimit reports, and the over-limit cache
+    needs the exact instant (measured from the whole second, a cached "full" would outlive the
+    window)."""
+    reference = now_ms
     ordered = sorted(index for index, count in buckets.items() if count > 0)
     if not ordered:
         return spec.leaves_window_at_ms(spec.current_bucket(now_ms)) - reference

@@ -36,12 +36,9 @@ local function leaves_at(spec, index)
 end
 
 -- The wait a status promises, from the buckets as they were before this request.
+-- Measured from now_ms exactly (see window.reset_ms).
 local function reset_ms(spec, live, total, need, is_over)
   local reference = now_ms
-  if spec.span == 1 then
-    -- envoyproxy/ratelimit computes a fixed window's reset from whole seconds.
-    reference = now_ms - now_ms % 1000
-  end
   local ordered = {}
   for index, hits in pairs(live) do
     if hits > 0 then
