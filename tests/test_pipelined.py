@@ -158,7 +158,7 @@ def test_unix_socket(with_client: ClientRunner) -> None:
         assert with_client(endpoint_from_url(f"unix://{socket_path}", {}), scenario) == b"PONG"
 
 
-def test_a_server_that_never_answers_times_out_and_the_connection_is_dropped(with_client: ClientRunner) -> None:
+def test_a_server_that_never_answers_times_out_every_call_at_its_deadline(with_client: ClientRunner) -> None:
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # accepts (in the backlog), never reads or answers
@@ -241,3 +241,72 @@ def test_a_wrong_password_is_refused_without_naming_it(with_client: ClientRunner
 
 def test_packed_commands_are_resp_arrays_of_bulk_strings() -> None:
     assert pack_command("SET", "k", 12, b"\r\n") == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$2\r\n\r\n\r\n"
+
+
+# Keeps Redis busy (no other command runs meanwhile) for ARGV[1] microseconds of its own clock.
+BUSY_SCRIPT = """
+local function now() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end
+local until_us = now() + tonumber(ARGV[1])
+while now() < until_us do end
+return 1
+"""
+
+
+def test_a_timed_out_call_fails_alone_and_later_calls_get_their_replies_in_their_own_deadlines(
+    with_client: ClientRunner, redis_server: RedisServer, redis_url: str
+) -> None:
+    # Redis busy for 200 ms, calls wait 150 ms: A (sent at 0) times out at 150 ms while Redis
+    # is busy; B (sent at 110 ms, before A's deadline) is answered at ~200 ms, inside its own
+    # deadline (260 ms).
+    timeout_s, busy_s, b_sent_at_s = 0.15, 0.2, 0.11
+
+    async def scenario(client: PipelinedRedis) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        connection_id = await client.execute("CLIENT", "ID")
+        started = loop.time()
+        busy = client.send(pack_command("EVAL", BUSY_SCRIPT, 0, int(busy_s * 1_000_000)))
+        call_a = client.send(pack_command("INCR", "a"))
+        a_failed_at: list[float] = []
+        call_a.add_done_callback(lambda _: a_failed_at.append(loop.time() - started))
+        await asyncio.sleep(b_sent_at_s)  # the scenario's clock, not a synchronisation
+        call_b = client.send(pack_command("INCR", "b"))
+        outcomes = await asyncio.gather(busy, call_a, call_b, return_exceptions=True)
+        return {
+            "outcomes": outcomes,
+            "a_failed_at": a_failed_at[0],
+            "b_answered_at": loop.time() - started,
+            "same_connection": await client.execute("CLIENT", "ID") == connection_id,
+            "in_step": await client.execute("INCR", "b"),
+        }
+
+    found = with_client(local(redis_server), scenario, timeout_s=timeout_s, max_writes_in_flight=4)
+    _busy, call_a, call_b = found["outcomes"]
+    assert isinstance(call_a, BackendError) and call_a.kind == "timeout"
+    assert timeout_s <= found["a_failed_at"] < busy_s  # at its own deadline, not at Redis's answer
+    assert call_b == 1, f"B failed at {found['b_answered_at'] * 1000:.0f} ms, before its own deadline"
+    assert found["b_answered_at"] < b_sent_at_s + timeout_s
+    assert found["same_connection"]  # the timeout dropped nothing
+    assert found["in_step"] == 2  # the skipped replies kept later calls in step
+    # A's INCR was carried out though its caller gave up: that is what a timeout can mean.
+    assert redis.Redis(port=redis_server.port).get("a") == b"1"
+
+
+def test_a_connection_owing_a_reply_past_the_stale_bound_is_dropped(with_client: ClientRunner) -> None:
+    # A Redis that never answers (no RST ever comes) must not hold the client forever.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+
+        async def scenario(client: PipelinedRedis) -> list[Any]:
+            first = await asyncio.gather(client.execute("PING"), return_exceptions=True)
+            # Past the stale bound, the next call's expiry drops the connection it waited on.
+            await asyncio.sleep(0.35)  # the scenario's clock: time passing with a reply owed
+            second = await asyncio.gather(client.execute("PING"), return_exceptions=True)
+            return [*first, *second, client._connection]
+
+        first, second, connection = with_client(
+            Endpoint(port=silent.getsockname()[1]), scenario, timeout_s=0.1, stale_after_s=0.3
+        )
+    assert isinstance(first, BackendError) and first.kind == "timeout"
+    assert isinstance(second, BackendError) and second.kind == "timeout"
+    assert connection is None

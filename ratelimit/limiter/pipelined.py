@@ -9,8 +9,11 @@ in order). One `data_received` parses the replies of a whole write and resolves 
 directly, with no task in between.
 
 Failures reach callers as BackendError with a bounded kind:
-- "timeout": no reply within `timeout_s` of the call (connecting included). The connection is
-  then dropped, because replies still owed on it would arrive out of step.
+- "timeout": no reply within `timeout_s` of the call (connecting included). Only that call
+  fails: the connection stays, and its reply, when it comes, is read and skipped in order, so
+  calls written after it still get theirs within their own deadlines. What is owed is bounded
+  by the writes in flight. A connection that has owed a reply for `stale_after_s` is dead to
+  us (a partition, a Redis that never wakes) and is dropped.
 - "connection": connecting, authenticating or the connection itself failed. Nothing is
   retried here: the circuit breaker and the failure mode decide what happens next. The next
   call connects again.
@@ -33,6 +36,9 @@ DEFAULT_PORT = 6379  # the IANA port of Redis
 # Connecting (TCP, TLS, AUTH) may take longer than one call may wait: the calls waiting for it
 # give up at their own deadlines, and the connection is then ready for the next ones.
 MIN_CONNECT_TIMEOUT_S = 0.5
+# A reply owed this long means the connection is dead (no RST reached us): start afresh. Well
+# past any call's deadline, so a Redis that is only slow keeps its connection.
+MIN_STALE_S = 1.0
 
 
 class RedisReplyError(Exception):
@@ -71,6 +77,8 @@ class _Connection(asyncio.Protocol):
         self._on_lost = on_lost
         self._on_batch_done = on_batch_done
         self._transport: asyncio.Transport | None = None
+        self._owed_since = 0.0  # loop time of the oldest owed write, or of the last answer
+        self.lost = False  # set once, never cleared: a lost connection is never used again
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without deriving from it.
@@ -82,12 +90,15 @@ class _Connection(asyncio.Protocol):
 
     def write(self, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
         assert self._transport is not None
+        if not self._batch_sizes:
+            self._owed_since = asyncio.get_running_loop().time()
         self._waiting.extend(futures)
         self._batch_sizes.append(len(futures))
         self._transport.write(data)
 
-    def owes(self, future: asyncio.Future[Any]) -> bool:
-        return future in self._waiting
+    def owed_for(self, now: float) -> float:
+        """How long the oldest reply still owed has been waited for (0 when nothing is owed)."""
+        return now - self._owed_since if self._batch_sizes else 0.0
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -100,6 +111,7 @@ class _Connection(asyncio.Protocol):
                 if not batch_sizes[0]:
                     batch_sizes.popleft()
                     batches_done += 1
+                    self._owed_since = asyncio.get_running_loop().time()  # Redis is answering
                 if future.done():  # its caller gave up; the reply still belongs here
                     continue
                 if isinstance(reply, RedisReplyError):
@@ -113,12 +125,14 @@ class _Connection(asyncio.Protocol):
             self._on_batch_done()
 
     def abort(self, kind: str, reason: str) -> None:
+        self.lost = True
         self._fail_waiting(BackendError(kind, reason))
         self._on_lost(self)  # at once: nothing more may be written here
         if self._transport is not None:
             self._transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self._fail_waiting(
             BackendError("connection", f"redis connection lost: {exc}" if exc else "redis closed the connection")
         )
@@ -142,10 +156,17 @@ class PipelinedRedis:
     """
 
     def __init__(
-        self, endpoint: Endpoint, *, timeout_s: float, batching: bool = True, max_writes_in_flight: int = 2
+        self,
+        endpoint: Endpoint,
+        *,
+        timeout_s: float,
+        batching: bool = True,
+        max_writes_in_flight: int = 2,
+        stale_after_s: float | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._timeout_s = timeout_s
+        self._stale_after_s = stale_after_s if stale_after_s is not None else max(4 * timeout_s, MIN_STALE_S)
         self._batching = batching
         self._max_writes_in_flight = max_writes_in_flight
         self._connection: _Connection | None = None
@@ -206,13 +227,12 @@ class PipelinedRedis:
         late = [future for future in futures if not future.done()]
         if not late:
             return
-        owed = self._connection is not None and any(self._connection.owes(future) for future in late)
         message = f"redis did not answer within {self._timeout_s * 1000:g} ms"
+        # Only these calls fail; replies owed for them are skipped in order when they come.
         _fail(late, BackendError("timeout", message))
-        if owed and self._connection is not None:
-            # The replies still owed would come out of step with later calls: start afresh.
-            # Calls written after these waited on the same silent Redis: timed out too.
-            self._connection.abort("timeout", message)
+        connection = self._connection
+        if connection is not None and connection.owed_for(asyncio.get_running_loop().time()) > self._stale_after_s:
+            connection.abort("timeout", f"redis owed a reply for over {self._stale_after_s * 1000:g} ms")
         self._queue = [(command, future) for command, future in self._queue if not future.done()]
 
     async def _connect(self) -> None:
@@ -229,6 +249,8 @@ class PipelinedRedis:
                         self._new_connection, endpoint.host, endpoint.port, ssl=endpoint.ssl_context
                     )
                 await self._handshake(connection)
+                if connection.lost:  # closed after its last handshake reply, before we got here
+                    raise BackendError("connection", "redis closed the connection during the handshake")
         except BaseException as exc:
             if connection is not None:
                 connection.abort("connection", "connect failed")
