@@ -14,9 +14,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+
+from ratelimit.limiter.redis_url import parse_redis_url
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_DIR = ROOT / "compose"
@@ -196,12 +197,14 @@ def replica_environment(compose: Mapping[str, Any], service: str, ports: PortMap
         RATELIMIT_METRICS_PORT=str(ports.host_port(service, metrics_port)),
     )
     if "RATELIMIT_REDIS_URL" in environment:
-        url = urlsplit(environment["RATELIMIT_REDIS_URL"])
-        if url.hostname is None:
+        try:
+            url = parse_redis_url(environment["RATELIMIT_REDIS_URL"])
+        except ValueError as exc:
+            raise TopologyError(f"{service}: RATELIMIT_REDIS_URL: {exc}") from None
+        if not url.nodes or not all(host for host, _ in url.nodes):
             raise TopologyError(f"{service}: RATELIMIT_REDIS_URL has no host")
-        userinfo = url.netloc.rpartition("@")[0]
-        netloc = (userinfo + "@" if userinfo else "") + ports.address(url.hostname, url.port or 6379)
-        environment["RATELIMIT_REDIS_URL"] = urlunsplit(url._replace(netloc=netloc))
+        nodes = tuple((LOOPBACK, ports.host_port(host, port or 6379)) for host, port in url.nodes)
+        environment["RATELIMIT_REDIS_URL"] = url.with_nodes(nodes)
     if "RATELIMIT_CONFIG" in environment:
         paths = [part for part in environment["RATELIMIT_CONFIG"].split(",") if part]
         environment["RATELIMIT_CONFIG"] = ",".join(_host_path(spec, path) for path in paths)

@@ -17,6 +17,7 @@ import uvloop
 from ratelimit.limiter import BackendError
 from ratelimit.limiter.pipelined import Endpoint, PipelinedRedis, RedisReplyError, pack_command
 from ratelimit.limiter.redis_connect import endpoint_from_url
+from ratelimit.limiter.redis_url import parse_redis_url
 from tests.support.processes import RedisServer, free_port, running_redis
 
 ClientRunner = Callable[..., Any]
@@ -56,7 +57,7 @@ def local(server: RedisServer, **fields: Any) -> Endpoint:
     ],
 )
 def test_single_server_urls(url: str, expected: Endpoint) -> None:
-    assert endpoint_from_url(url, {}) == expected
+    assert endpoint_from_url(parse_redis_url(url), {}) == expected
 
 
 @pytest.mark.parametrize(
@@ -71,12 +72,12 @@ def test_single_server_urls(url: str, expected: Endpoint) -> None:
 )
 def test_bad_single_server_urls_say_what_is_wrong(url: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
-        endpoint_from_url(url, {})
+        endpoint_from_url(parse_redis_url(url), {})
     assert message in str(caught.value)
 
 
 def test_rediss_verifies_the_server_with_the_given_ca() -> None:
-    endpoint = endpoint_from_url("rediss://h:6380/0", {})
+    endpoint = endpoint_from_url(parse_redis_url("rediss://h:6380/0"), {})
     assert endpoint.ssl_context is not None and endpoint.ssl_context.check_hostname
 
 
@@ -130,7 +131,7 @@ def test_selects_the_database_of_the_url(with_client: ClientRunner, redis_server
     async def scenario(client: PipelinedRedis) -> Any:
         return await client.execute("SET", "in-db-3", "yes")
 
-    with_client(endpoint_from_url(f"redis://127.0.0.1:{redis_server.port}/3", {}), scenario)
+    with_client(endpoint_from_url(parse_redis_url(f"redis://127.0.0.1:{redis_server.port}/3"), {}), scenario)
     assert redis.Redis(port=redis_server.port, db=3).get("in-db-3") == b"yes"
     assert redis.Redis(port=redis_server.port, db=0).get("in-db-3") is None
 
@@ -155,7 +156,7 @@ def test_unix_socket(with_client: ClientRunner) -> None:
         async def scenario(client: PipelinedRedis) -> Any:
             return await client.execute("PING")
 
-        assert with_client(endpoint_from_url(f"unix://{socket_path}", {}), scenario) == b"PONG"
+        assert with_client(endpoint_from_url(parse_redis_url(f"unix://{socket_path}"), {}), scenario) == b"PONG"
 
 
 def test_a_server_that_never_answers_times_out_every_call_at_its_deadline(with_client: ClientRunner) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Protocol, Sequence
 from ratelimit.limiter.pipelined import PipelinedRedis, RedisReplyError, pack_command
 from ratelimit.limiter.redis_connect import endpoint_from_url, parse_target
 from ratelimit.limiter.redis_py_scripts import RedisPyScripts
+from ratelimit.limiter.redis_url import RedisUrl, parse_redis_url
 from ratelimit.limiter.script import SCRIPT_SHA, SCRIPT_SOURCE, decision_from_reply, script_arguments
 from ratelimit.limiter.types import Backend, BackendError, CounterRequest, Decision
 
@@ -48,11 +49,12 @@ class RedisBackend(Backend):
         connection_options: Mapping[str, Any] | None = None,
     ) -> None:
         options = connection_options or {}
-        target = parse_target(url)
+        parsed = parse_redis_url(url)
+        target = parse_target(parsed)
         self._runner: ScriptRunner
         if target.kind == "single":
             self._runner = PipelinedScripts(
-                url, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
+                parsed, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
             )
         else:
             self._runner = RedisPyScripts(
@@ -84,7 +86,7 @@ class PipelinedScripts:
     """The script over one server's pipelined connection."""
 
     def __init__(
-        self, url: str, *, timeout_s: float, max_connections: int, batching: bool, options: Mapping[str, Any]
+        self, url: RedisUrl, *, timeout_s: float, max_connections: int, batching: bool, options: Mapping[str, Any]
     ) -> None:
         self._redis = PipelinedRedis(
             endpoint_from_url(url, options),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from typing import Any, Mapping
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -23,6 +23,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from ratelimit.limiter.pipelined import DEFAULT_PORT, Endpoint
+from ratelimit.limiter.redis_url import MAX_QUOTED_CHARS, RedisUrl
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -39,64 +40,51 @@ class RedisTarget:
     db: int = 0
 
 
-def parse_target(url: str) -> RedisTarget:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+def parse_target(url: RedisUrl) -> RedisTarget:
+    """A cluster or sentinel target; any other scheme is one server (see `endpoint_from_url`)."""
+    scheme = url.scheme
     if scheme not in CLUSTER_SCHEMES and scheme not in SENTINEL_SCHEMES:
         return RedisTarget("single", (), None, None, scheme == "rediss")
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = credentials.partition(":")
-    nodes = tuple(_host_port(item) for item in hosts.split(",") if item)
-    if not nodes:
-        raise ValueError(f"{scheme}:// needs at least one host:port")
-    path = [segment for segment in parts.path.split("/") if segment]
-    user, secret = unquote(username) or None, unquote(password) or None
+    nodes = tuple((host, port) for host, port in url.nodes if host and port is not None)
+    if not nodes or len(nodes) != len(url.nodes):
+        raise ValueError(f"{scheme}:// needs host:port for each node, at least one")
+    path = [segment for segment in url.path.split("/") if segment]
     if scheme in CLUSTER_SCHEMES:
-        return RedisTarget("cluster", nodes, user, secret, CLUSTER_SCHEMES[scheme])
+        return RedisTarget("cluster", nodes, url.username, url.password, CLUSTER_SCHEMES[scheme])
     if not path:
         raise ValueError("redis+sentinel:// needs the primary's name as its path: redis+sentinel://host:26379/mymaster")
-    db = int(path[1]) if len(path) > 1 else 0
-    return RedisTarget("sentinel", nodes, user, secret, SENTINEL_SCHEMES[scheme], unquote(path[0]), db)
+    db = _database(path[1]) if len(path) > 1 else 0
+    return RedisTarget("sentinel", nodes, url.username, url.password, SENTINEL_SCHEMES[scheme], unquote(path[0]), db)
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected host:port, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
-def endpoint_from_url(url: str, tls_files: Mapping[str, str]) -> Endpoint:
+def endpoint_from_url(url: RedisUrl, tls_files: Mapping[str, str]) -> Endpoint:
     """`redis://[user:password@]host[:port][/db]`, `rediss://...` (TLS) or `unix:///path[?db=N]`.
 
     `tls_files` may name `ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` for rediss://.
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    scheme = url.scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss:// or unix://")
-    query = parse_qs(parts.query)
-    unknown = sorted(set(query) - {"db"})
+    unknown = sorted(set(url.query) - {"db"})
     if unknown:
         raise ValueError(f"unsupported Redis URL parameter(s): {', '.join(unknown)} (only db is known)")
-    db_text = query.get("db", [""])[-1] or (parts.path.strip("/") if scheme != "unix" else "") or "0"
-    if not db_text.isdigit():
-        raise ValueError(f"the Redis database must be a number, got {db_text!r}")
-    credentials = {
-        "username": unquote(parts.username) if parts.username else None,
-        "password": unquote(parts.password) if parts.password else None,
-        "db": int(db_text),
-    }
+    db_text = url.query.get("db", [""])[-1] or (url.path.strip("/") if scheme != "unix" else "") or "0"
+    credentials = {"username": url.username, "password": url.password, "db": _database(db_text)}
     if scheme == "unix":
-        if not parts.path:
+        if url.nodes or url.path in ("", "/"):
             raise ValueError("unix:// needs the socket's path: unix:///run/redis.sock")
-        return Endpoint(path=parts.path, **credentials)  # type: ignore[arg-type]
-    try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError as exc:
-        raise ValueError(f"bad port in the Redis URL: {exc}") from None
+        return Endpoint(path=url.path, **credentials)  # type: ignore[arg-type]
+    if len(url.nodes) > 1:
+        raise ValueError(f"{scheme}:// names one server; use redis+cluster:// or redis+sentinel:// for several")
+    host, port = url.nodes[0] if url.nodes else ("", None)
     tls = _ssl_context(tls_files) if scheme == "rediss" else None
-    return Endpoint(host=parts.hostname or "127.0.0.1", port=port, ssl_context=tls, **credentials)  # type: ignore[arg-type]
+    return Endpoint(host=host or "127.0.0.1", port=port or DEFAULT_PORT, ssl_context=tls, **credentials)  # type: ignore[arg-type]
+
+
+def _database(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"the Redis database must be a number, got {text[:MAX_QUOTED_CHARS]!r}")
+    return int(text)
 
 
 def _ssl_context(files: Mapping[str, str]) -> ssl.SSLContext:
