@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from ratelimit.limiter.redis_url import parse_redis_url
 from ratelimit.service import FailureMode
 
 ENV_PREFIX = "RATELIMIT_"
@@ -163,12 +164,10 @@ class Settings:
 
     def redacted_redis_url(self) -> str:
         """The Redis URL without its password, for logs."""
-        scheme, sep, rest = self.redis_url.partition("://")
-        if not sep or "@" not in rest:
-            return self.redis_url
-        credentials, _, host = rest.rpartition("@")
-        user = credentials.split(":", 1)[0]
-        return f"{scheme}://{user + ':' if user else ''}***@{host}"
+        try:
+            return parse_redis_url(self.redis_url).redacted()
+        except ValueError:  # refused where the backend is built; never shown here
+            return "(unparseable Redis URL)"
 
 
 class _AppendOverDefault(argparse.Action):
