@@ -62,7 +62,10 @@ class RedisPyScripts:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        batch, self._pending = self._pending, []
+        # A caller that gave up (its deadline passed while queued) was answered already: sent
+        # now, its call would be charged with nobody told.
+        batch = [call for call in self._pending if not call.future.done()]
+        self._pending = []
         if not batch:
             return
         task = asyncio.create_task(self._execute(batch))
