@@ -56,7 +56,7 @@ def redis_tls_options(settings: Settings) -> dict[str, str]:
     return options
 
 
-def make_store(settings: Settings) -> tuple[Backend, CircuitBreaker | None]:
+def make_store(settings: Settings, metrics: Metrics) -> tuple[Backend, CircuitBreaker | None]:
     """The counter store, behind a circuit breaker when it can fail (Redis)."""
     if settings.backend == "memory":
         return MemoryBackend(), None
@@ -66,6 +66,7 @@ def make_store(settings: Settings) -> tuple[Backend, CircuitBreaker | None]:
         max_connections=settings.redis_pool_size,
         batching=settings.redis_batching,
         connection_options=redis_tls_options(settings),
+        on_round_trip=metrics.backend_duration.observe,
     )
     breaker = CircuitBreaker(
         redis, failure_threshold=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_ms / 1000
@@ -94,7 +95,7 @@ class Replica:
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.config = ConfigHolder(settings.config, merge_domains=settings.merge_domains, metrics=self.metrics)
         self.config.load()  # a bad config at start is fatal: raise ConfigError to the CLI
-        store, self.breaker = make_store(settings)
+        store, self.breaker = make_store(settings, self.metrics)
         self.backend: Backend = OverLimitCache(store) if settings.over_limit_cache else store
         self.service = RateLimitService(self.config.current, self.backend, self.metrics, service_options(settings))
         self.server = RateLimitServer(

@@ -215,17 +215,16 @@ class RateLimitService:
         return _Checked(position, rule, RuleLabels.from_stats_key_parts(domain, parts), request, hits)
 
     async def _evaluate(self, checked: Sequence[_Checked]) -> Decision | None:
-        started = time.perf_counter()
+        # backend_duration is observed by the Redis backend: only real round trips count.
         try:
             return await self._backend.evaluate([item.request for item in checked])
         except BackendError as exc:
             self._metrics.backend_errors.labels(exc.kind).inc()
             self._log_backend_error(exc)
             if self._options.failure_mode is FailureMode.UNAVAILABLE:
-                raise BackendUnavailable(str(exc)) from exc
+                # The kind only: Redis's text (key names, script lines) is for the log.
+                raise BackendUnavailable(exc.kind) from exc
             return None
-        finally:
-            self._metrics.backend_duration.observe(time.perf_counter() - started)
 
     def _log_backend_error(self, exc: BackendError) -> None:
         # At most one line a second: an outage under load must not flood the log (the

@@ -9,7 +9,8 @@ follows redirections and failovers (`redis_py_scripts`).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Mapping, Protocol, Sequence
+import time
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ratelimit.limiter.pipelined import PipelinedRedis, RedisReplyError, pack_command
 from ratelimit.limiter.redis_connect import endpoint_from_url, parse_target
@@ -47,8 +48,12 @@ class RedisBackend(Backend):
         max_connections: int = 64,
         batching: bool = True,
         connection_options: Mapping[str, Any] | None = None,
+        on_round_trip: Callable[[float], None] | None = None,
     ) -> None:
         options = connection_options or {}
+        # Called with the seconds of each script call that went to Redis (failed ones too):
+        # answers of the over-limit cache or the open breaker never get here.
+        self._on_round_trip = on_round_trip
         parsed = parse_redis_url(url)
         target = parse_target(parsed)
         self._runner: ScriptRunner
@@ -68,7 +73,14 @@ class RedisBackend(Backend):
 
     async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
         keys, args = script_arguments(requests)
-        return decision_from_reply(await self._runner.run(keys, args), len(requests))
+        if self._on_round_trip is None:
+            return decision_from_reply(await self._runner.run(keys, args), len(requests))
+        started = time.perf_counter()
+        try:
+            reply = await self._runner.run(keys, args)
+        finally:
+            self._on_round_trip(time.perf_counter() - started)
+        return decision_from_reply(reply, len(requests))
 
     async def ping(self) -> None:
         await self._runner.ping()
