@@ -71,3 +71,24 @@ def test_a_call_queued_behind_the_pipelines_in_flight_is_never_sent_once_its_cal
     assert sent == 3  # two pipelines in flight, then "after"; never the abandoned call
     assert not primary.exists("queued")  # nobody was answered for it, so nothing may be charged
     assert primary.exists("after")
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_after_script_flush_calls_reload_the_script_and_are_answered(
+    sentinel_group: SentinelTopology, batching: bool
+) -> None:
+    primary = sentinel_group.current_primary().client()
+    primary.flushall()
+
+    async def scenario() -> list[bool]:
+        backend = RedisBackend(sentinel_group.url, timeout_s=1.0, batching=batching)
+        try:
+            await backend.prepare()
+            primary.script_flush()
+            decisions = await asyncio.gather(*(backend.evaluate(one_hit(f"flushed-{n}")) for n in range(5)))
+            return [decision.admitted for decision in decisions]
+        finally:
+            await backend.close()
+
+    assert asyncio.run(scenario()) == [True] * 5
+    assert all(primary.exists(f"flushed-{n}") for n in range(5))

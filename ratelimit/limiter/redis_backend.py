@@ -16,7 +16,13 @@ from ratelimit.limiter.pipelined import PipelinedRedis, RedisReplyError, pack_co
 from ratelimit.limiter.redis_connect import endpoint_from_url, parse_target
 from ratelimit.limiter.redis_py_scripts import RedisPyScripts
 from ratelimit.limiter.redis_url import RedisUrl, parse_redis_url
-from ratelimit.limiter.script import SCRIPT_SHA, SCRIPT_SOURCE, decision_from_reply, script_arguments
+from ratelimit.limiter.script import (
+    SCRIPT_SHA,
+    SCRIPT_SOURCE,
+    decision_from_reply,
+    script_arguments,
+    with_script_loaded,
+)
 from ratelimit.limiter.types import Backend, BackendError, CounterRequest, Decision
 
 
@@ -113,22 +119,17 @@ class PipelinedScripts:
         return self._redis.round_trips
 
     async def run(self, keys: list[str], args: list[int]) -> Any:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        evalsha = pack_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+        deadline = asyncio.get_running_loop().time() + self._timeout_s  # a reload included
         try:
-            return await self._redis.send(pack_command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args))
-        except RedisReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise BackendError("script", f"redis error: {exc}") from None
-        # Redis restarted or SCRIPT FLUSH: EVAL runs the script and caches it again, invisibly
-        # to the caller, within what is left of the call's time.
-        try:
-            async with asyncio.timeout_at(started + self._timeout_s):
-                return await self._redis.send(pack_command("EVAL", SCRIPT_SOURCE, len(keys), *keys, *args))
+            return await with_script_loaded(lambda: self._redis.send(evalsha), self._load, _is_noscript, deadline)
         except TimeoutError:
             raise BackendError("timeout", f"redis did not answer within {self._timeout_s * 1000:g} ms") from None
         except RedisReplyError as exc:
             raise BackendError("script", f"redis error: {exc}") from None
+
+    async def _load(self) -> None:
+        await self._redis.execute("SCRIPT", "LOAD", SCRIPT_SOURCE)
 
     async def ping(self) -> None:
         try:
@@ -138,9 +139,13 @@ class PipelinedScripts:
 
     async def prepare(self) -> None:
         try:
-            await self._redis.execute("SCRIPT", "LOAD", SCRIPT_SOURCE)
+            await self._load()
         except RedisReplyError as exc:
             raise BackendError("connection", f"redis not ready: {exc}") from None
 
     async def close(self) -> None:
         await self._redis.close()
+
+
+def _is_noscript(exc: BaseException) -> bool:
+    return isinstance(exc, RedisReplyError) and str(exc).startswith("NOSCRIPT")

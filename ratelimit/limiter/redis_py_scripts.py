@@ -17,7 +17,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
 from ratelimit.limiter.redis_connect import RedisTarget, make_client
-from ratelimit.limiter.script import SCRIPT_SOURCE
+from ratelimit.limiter.script import SCRIPT_SHA, SCRIPT_SOURCE, with_script_loaded
 from ratelimit.limiter.types import BackendError
 
 # Pipelines out at once; more requests queue and go together when one comes back.
@@ -37,7 +37,6 @@ class RedisPyScripts:
         floor_s = max(timeout_s, 0.05)  # redis-py's socket timeouts below this fail healthy calls
         self._client = make_client(target, timeout_s=floor_s, max_connections=max_connections, options=options)
         self._timeout_s = timeout_s
-        self._sha: str | None = None
         self._batching = batching and not isinstance(self._client, RedisCluster)
         self._pending: list[_Call] = []
         self._flushes: set[asyncio.Task[None]] = set()
@@ -45,7 +44,8 @@ class RedisPyScripts:
         self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
 
     async def run(self, keys: list[str], args: list[int]) -> Any:
-        return await self._guarded(self._batched(keys, args) if self._batching else self._run_script(keys, args))
+        send = self._batched if self._batching else self._evalsha
+        return await self._guarded(with_script_loaded(lambda: send(keys, args), self._load, _is_noscript))
 
     async def _batched(self, keys: list[str], args: list[int]) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -79,17 +79,8 @@ class RedisPyScripts:
     async def _execute(self, batch: list[_Call]) -> None:
         """Run one pipeline; every outcome lands on its caller's future, never in the loop."""
         try:
-            if self._sha is None:
-                self._sha = await self._client.script_load(SCRIPT_SOURCE)
-            replies = await self._pipeline(batch)
-            missing = [call for call, reply in zip(batch, replies) if isinstance(reply, redis_errors.NoScriptError)]
-            if missing:  # Redis restarted or SCRIPT FLUSH: load again, invisibly to callers
-                self._sha = await self._client.script_load(SCRIPT_SOURCE)
-                for call, reply in zip(missing, await self._pipeline(missing)):
-                    call.settle(reply)
-            for call, reply in zip(batch, replies):
-                if not isinstance(reply, redis_errors.NoScriptError):
-                    call.settle(reply)
+            for call, reply in zip(batch, await self._pipeline(batch)):
+                call.settle(reply)  # an error reply (NOSCRIPT too) is raised to its caller
         except BaseException as exc:  # handed to the callers, who translate it
             for call in batch:
                 call.settle(exc)
@@ -97,30 +88,20 @@ class RedisPyScripts:
                 raise
 
     async def _pipeline(self, batch: list[_Call]) -> list[Any]:
-        assert self._sha is not None  # loaded by the caller
-        self.round_trips += 1
         if len(batch) == 1:  # a plain call costs less than a pipeline of one
-            call = batch[0]
-            try:
-                return [await self._client.evalsha(self._sha, len(call.keys), *call.keys, *call.args)]
-            except redis_errors.NoScriptError as exc:
-                return [exc]
+            return [await self._evalsha(batch[0].keys, batch[0].args)]
+        self.round_trips += 1
         pipe = self._client.pipeline(transaction=False)
         for call in batch:
-            pipe.evalsha(self._sha, len(call.keys), *call.keys, *call.args)
+            pipe.evalsha(SCRIPT_SHA, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def _run_script(self, keys: list[str], args: list[int]) -> Any:
-        if self._sha is None:
-            self._sha = await self._client.script_load(SCRIPT_SOURCE)
-        try:
-            self.round_trips += 1
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
-        except redis_errors.NoScriptError:
-            # Redis restarted or SCRIPT FLUSH: load again, invisibly to the caller.
-            self._sha = await self._client.script_load(SCRIPT_SOURCE)
-            self.round_trips += 1
-            return await self._client.evalsha(self._sha, len(keys), *keys, *args)
+    async def _evalsha(self, keys: list[str], args: list[int]) -> Any:
+        self.round_trips += 1
+        return await self._client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
+
+    async def _load(self) -> None:
+        await self._client.script_load(SCRIPT_SOURCE)
 
     async def _guarded(self, call: Awaitable[Any]) -> Any:
         try:
@@ -142,7 +123,7 @@ class RedisPyScripts:
 
     async def prepare(self) -> None:
         try:
-            self._sha = await self._client.script_load(SCRIPT_SOURCE)
+            await self._load()
         except redis_errors.RedisError as exc:
             raise BackendError("connection", f"redis not ready: {exc}") from exc
 
@@ -153,6 +134,13 @@ class RedisPyScripts:
             await self._client.aclose()
         else:  # the sentinel's primary: its pool is not closed with it by default
             await self._client.aclose(close_connection_pool=True)
+            # Nor are the connections that asked the sentinels where the primary is.
+            for sentinel in self._client.connection_pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+def _is_noscript(exc: BaseException) -> bool:
+    return isinstance(exc, redis_errors.NoScriptError)
 
 
 @dataclass(slots=True)

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from ratelimit.limiter.types import BackendError, CounterRequest, CounterResult, Decision
 
 SCRIPT_SOURCE = resources.files("ratelimit.limiter").joinpath("lua/evaluate.lua").read_text()
 # What Redis calls the script (EVALSHA), known without asking it.
 SCRIPT_SHA = hashlib.sha1(SCRIPT_SOURCE.encode()).hexdigest()
+
+Reply = TypeVar("Reply")
+
+
+async def with_script_loaded(
+    call: Callable[[], Awaitable[Reply]],
+    load: Callable[[], Awaitable[object]],
+    is_missing: Callable[[BaseException], bool],
+    deadline: float | None = None,
+) -> Reply:
+    """Runs `call` (an EVALSHA); if Redis lost the script (restart, SCRIPT FLUSH), loads it
+    and runs `call` once more, invisibly to the caller, by `deadline` (loop time) if given.
+    The one NOSCRIPT fallback."""
+    try:
+        return await call()
+    except Exception as exc:
+        if not is_missing(exc):
+            raise
+    async with asyncio.timeout_at(deadline):
+        await load()
+        return await call()
 
 
 def script_arguments(requests: Sequence[CounterRequest]) -> tuple[list[str], list[int]]:
