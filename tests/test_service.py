@@ -271,7 +271,7 @@ def test_backend_failure_follows_the_failure_mode(mode: FailureMode, expected: C
         return await h.ask([("user", "x")])
 
     if expected is None:
-        with pytest.raises(BackendUnavailable, match="^timeout$"):  # the kind, never the text
+        with pytest.raises(BackendUnavailable, match=r"^timeout$"):  # the kind, never the text
             run(FailingBackend, scenario, ServiceOptions(failure_mode=mode))
         return
     answer = run(FailingBackend, scenario, ServiceOptions(failure_mode=mode))
