@@ -79,7 +79,6 @@ def service_options(settings: Settings) -> ServiceOptions:
         key_prefix=settings.key_prefix,
         failure_mode=settings.on_backend_error,
         global_shadow_mode=settings.shadow_mode,
-        max_descriptors=settings.max_descriptors,
         response_headers=settings.response_headers,
         header_limit=settings.header_limit,
         header_remaining=settings.header_remaining,
@@ -96,7 +95,9 @@ class Replica:
         self.config = ConfigHolder(settings.config, merge_domains=settings.merge_domains, metrics=self.metrics)
         self.config.load()  # a bad config at start is fatal: raise ConfigError to the CLI
         store, self.breaker = make_store(settings, self.metrics)
-        self.backend: Backend = OverLimitCache(store) if settings.over_limit_cache else store
+        self.backend: Backend = (
+            OverLimitCache(store, max_entries=settings.over_limit_cache_entries) if settings.over_limit_cache else store
+        )
         self.service = RateLimitService(self.config.current, self.backend, self.metrics, service_options(settings))
         self.server = RateLimitServer(
             self.service,
@@ -105,6 +106,7 @@ class Replica:
             settings.grpc_port,
             reuse_port=settings.reuse_port,
             tls=tls_files(settings),
+            caps=settings.request_caps(),
         )
         self.exporter: MetricsExporter | None = None
         self._background: list[asyncio.Task[None]] = []

@@ -46,10 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_serve(settings: Settings) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.config:
+        print(
+            "ratelimit: no limits config: pass --config PATH (a YAML file or a folder of them; repeatable)"
+            " or set RATELIMIT_CONFIG",
+            file=sys.stderr,
+        )
+        return 2
     if settings.workers > 1:
         errors = validate_paths(settings.config, merge_domains=settings.merge_domains)
         if errors:
             print(f"ratelimit: invalid config: {errors[0]}", file=sys.stderr)
+            return 2
+        from ratelimit.config import load_config
+        from ratelimit.reload import require_domains
+
+        try:
+            require_domains(load_config(settings.config, merge_domains=settings.merge_domains), settings.config)
+        except ConfigError as exc:
+            print(f"ratelimit: invalid config: {exc}", file=sys.stderr)
             return 2
         from ratelimit.workers import run_workers
 

@@ -11,6 +11,7 @@ the number of label sets is capped.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -22,6 +23,10 @@ from ratelimit import __version__
 
 RULE_LABELS = ("domain", "key1", "key2")
 OVERFLOW_LABEL = "_other_"
+# Longest label value exported: longer ones (request data in detailed_metric rules and
+# overrides) keep their start and a digest of the whole, so they stay distinct and bounded.
+MAX_LABEL_CHARS = 128
+_LABEL_DIGEST_CHARS = 16
 # Buckets around Envoy's 20 ms default RLS timeout.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.05, 0.1, 0.25, 1.0)
 
@@ -34,7 +39,15 @@ class RuleLabels:
 
     @classmethod
     def from_stats_key_parts(cls, domain: str, parts: tuple[str, ...]) -> RuleLabels:
-        return cls(domain, parts[0] if parts else "", ".".join(parts[1:]))
+        return cls(bounded_label(domain), bounded_label(parts[0] if parts else ""), bounded_label(".".join(parts[1:])))
+
+
+def bounded_label(value: str) -> str:
+    """`value`, or when longer than MAX_LABEL_CHARS its start, "~" and a digest of all of it."""
+    if len(value) <= MAX_LABEL_CHARS:
+        return value
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=_LABEL_DIGEST_CHARS // 2).hexdigest()
+    return f"{value[: MAX_LABEL_CHARS - _LABEL_DIGEST_CHARS - 1]}~{digest}"
 
 
 @dataclass(frozen=True, slots=True)

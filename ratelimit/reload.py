@@ -38,6 +38,17 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint:
     return tuple(marks)
 
 
+def require_domains(config: RateLimitConfig, paths: Sequence[str]) -> RateLimitConfig:
+    """`config`, or ConfigError when it holds no domain: serving none answers OK to everything,
+    which is a mistake (a wrong path, an empty ConfigMap mid-update), never an operator's intent."""
+    if not config.domains:
+        raise ConfigError(
+            ", ".join(paths) or "(no --config)",
+            "the limits config holds no domain; --config names the YAML files or folders to load",
+        )
+    return config
+
+
 class ConfigHolder:
     """Holds the config in force; a request reads it once (`current()`), so a reload
     mid-request never mixes two configs."""
@@ -57,9 +68,7 @@ class ConfigHolder:
         """Load now; raise ConfigError (and keep the old config) when the files are invalid."""
         marks = fingerprint(self._paths)
         try:
-            config = (
-                load_config(self._paths, merge_domains=self._merge_domains) if self._paths else RateLimitConfig.empty()
-            )
+            config = require_domains(load_config(self._paths, merge_domains=self._merge_domains), self._paths)
         except ConfigError as exc:
             self._fingerprint = marks  # don't retry the same bad files every poll
             self.last_error = str(exc)

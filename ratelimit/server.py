@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ratelimit.generated.envoy.config.core.v3 import base_pb2
 from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2
+from ratelimit.guards import DEFAULT_CAPS, RequestCaps, check_request
 from ratelimit.health import DrainingHealthServicer
 from ratelimit.metrics import Metrics
 from ratelimit.service import (
@@ -91,9 +92,10 @@ class RateLimitServicer:
     """ShouldRateLimit, taking the request's raw bytes: a message that does not parse is the
     client's error (INVALID_ARGUMENT), not a failure logged with a traceback by gRPC."""
 
-    def __init__(self, service: RateLimitService, metrics: Metrics) -> None:
+    def __init__(self, service: RateLimitService, metrics: Metrics, caps: RequestCaps = DEFAULT_CAPS) -> None:
         self._service = service
         self._metrics = metrics
+        self._caps = caps
         self._in_flight = 0
         self._refusing = False
         self._drained: asyncio.Future[None] | None = None  # only while a drain waits
@@ -134,9 +136,9 @@ class RateLimitServicer:
                 request = rls_pb2.RateLimitRequest.FromString(raw)
             except DecodeError as exc:
                 raise InvalidRequest("the request is not a valid envoy.service.ratelimit.v3.RateLimitRequest") from exc
-            decision = await self._service.should_rate_limit(
-                request.domain, descriptors_from_proto(request), request.hits_addend
-            )
+            descriptors = descriptors_from_proto(request)
+            check_request(request.domain, descriptors, self._caps)
+            decision = await self._service.should_rate_limit(request.domain, descriptors, request.hits_addend)
             outcome = decision.overall_code.name
             return decision_to_proto(decision)
         except InvalidRequest as exc:
@@ -173,6 +175,7 @@ class RateLimitServer:
         *,
         reuse_port: bool = False,
         tls: TlsFiles | None = None,
+        caps: RequestCaps = DEFAULT_CAPS,
     ) -> None:
         self._server = grpc.aio.server(
             options=[
@@ -181,7 +184,7 @@ class RateLimitServer:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
-        self._servicer = RateLimitServicer(service, metrics)
+        self._servicer = RateLimitServicer(service, metrics, caps)
         self._server.add_generic_rpc_handlers((self._servicer.handler(),))
         self.health = DrainingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -93,7 +93,6 @@ class ServiceOptions:
     key_prefix: str = "ratelimit:"
     failure_mode: FailureMode = FailureMode.UNAVAILABLE
     global_shadow_mode: bool = False
-    max_descriptors: int = 64
     response_headers: bool = False
     header_limit: str = "RateLimit-Limit"
     header_remaining: str = "RateLimit-Remaining"
@@ -108,7 +107,6 @@ class _Checked:
     rule: RateLimitRule
     labels: RuleLabels
     request: CounterRequest
-    hits: int
 
 
 OK_NO_LIMIT = DescriptorStatus(code=Code.OK)
@@ -133,7 +131,7 @@ class RateLimitService:
     async def should_rate_limit(
         self, domain: str, descriptors: Sequence[DescriptorRequest], hits_addend: int = 0
     ) -> RateLimitDecision:
-        self._validate(domain, descriptors)
+        # The request was checked at the edge (ratelimit.guards): bounded and well formed.
         config = self._config()  # one snapshot for the whole request, even across a reload
         if not config.has_domain(domain):
             self._metrics.domain_not_found.inc()
@@ -167,26 +165,6 @@ class RateLimitService:
         headers = self._headers(checked, statuses) if self._options.response_headers else ()
         return RateLimitDecision(overall, tuple(statuses), headers)
 
-    def _validate(self, domain: str, descriptors: Sequence[DescriptorRequest]) -> None:
-        if not domain:
-            raise InvalidRequest("rate limit domain must not be empty")
-        if not descriptors:
-            raise InvalidRequest("rate limit descriptor list must not be empty")
-        if len(descriptors) > self._options.max_descriptors:
-            raise InvalidRequest(
-                f"{len(descriptors)} descriptors in one request; at most {self._options.max_descriptors} are accepted"
-            )
-        for position, descriptor in enumerate(descriptors):
-            if not descriptor.entries:
-                raise InvalidRequest(f"descriptor {position} has no entries")
-            for entry_position, (key, _value) in enumerate(descriptor.entries):
-                if not key:
-                    raise InvalidRequest(f"descriptor {position} entry {entry_position} has an empty key")
-            if descriptor.override is not None:
-                _, unit = descriptor.override
-                if unit not in KNOWN_UNITS:
-                    raise InvalidRequest(f"descriptor {position} limit override has an unknown unit ({unit})")
-
     @staticmethod
     def _match(config: ConfigLookup, domain: str, descriptor: DescriptorRequest) -> Match | None:
         override = None
@@ -212,7 +190,7 @@ class RateLimitService:
             hits=min(hits, rule.requests_per_unit + 1),
             role=_role(rule),
         )
-        return _Checked(position, rule, RuleLabels.from_stats_key_parts(domain, parts), request, hits)
+        return _Checked(position, rule, RuleLabels.from_stats_key_parts(domain, parts), request)
 
     async def _evaluate(self, checked: Sequence[_Checked]) -> Decision | None:
         # backend_duration is observed by the Redis backend: only real round trips count.
@@ -264,7 +242,9 @@ class RateLimitService:
 
     def _count(self, item: _Checked, result: CounterResult, admitted: bool) -> None:
         stats = self._metrics.rules(item.labels)
-        hits = item.hits
+        # What was charged (or would have been): capped at limit + 1, so the counters stay
+        # exact integers whatever hits_addend a client sends.
+        hits = item.request.hits
         stats.total_hits.inc(hits)
         if result.over_limit:
             stats.over_limit.inc(hits)

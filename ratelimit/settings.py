@@ -12,8 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
+from ratelimit.config.model import Unit
+from ratelimit.guards import OverridePolicy, RequestCaps
 from ratelimit.limiter.redis_url import parse_redis_url
-from ratelimit.service import FailureMode
+from ratelimit.service import MAX_UINT32, FailureMode
 
 ENV_PREFIX = "RATELIMIT_"
 
@@ -77,6 +79,12 @@ OPTIONS: tuple[Option, ...] = (
         _bool,
     ),
     Option("--over-limit-cache", True, "answer requests for counters known full locally, until Redis's reset", _bool),
+    Option(
+        "--over-limit-cache-entries",
+        100_000,
+        "most counters the over-limit cache remembers (about 270 bytes each); the oldest go first",
+        int,
+    ),
     Option("--workers", 1, "server processes sharing the gRPC port (SO_REUSEPORT); metrics report their sum", int),
     Option("--reuse-port", False, "let other processes bind the same gRPC port (set for --workers)", _bool),
     Option(
@@ -88,12 +96,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--redis-ca-file", "", "CA bundle that signs Redis's certificate (rediss://)"),
     Option("--redis-cert-file", "", "client certificate for Redis TLS"),
     Option("--redis-key-file", "", "client key for Redis TLS"),
-    Option("--grpc-host", "0.0.0.0", "gRPC bind address"),
+    Option("--grpc-host", "127.0.0.1", "gRPC bind address (0.0.0.0: every interface, as in the image)"),
     Option("--grpc-port", 8081, "gRPC port (RateLimitService, health, reflection)", int),
     Option("--tls-cert-file", "", "serve gRPC over TLS with this certificate chain (PEM); reloaded on change"),
     Option("--tls-key-file", "", "private key of --tls-cert-file (PEM)"),
     Option("--tls-client-ca-file", "", "require client certificates signed by this CA (mTLS)"),
-    Option("--metrics-host", "0.0.0.0", "Prometheus exporter bind address"),
+    Option("--metrics-host", "127.0.0.1", "Prometheus exporter bind address (0.0.0.0: every interface)"),
     Option("--metrics-port", 9102, "Prometheus exporter port (HTTP /metrics); 0 disables the exporter", int),
     Option(
         "--on-backend-error",
@@ -105,6 +113,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("--shadow-mode", False, "global shadow mode: count and report, never answer OVER_LIMIT", _bool),
     Option("--merge-domains", False, "merge files that share a domain instead of rejecting them", _bool),
     Option("--max-descriptors", 64, "most descriptors accepted in one request", int),
+    Option("--max-descriptor-entries", 32, "most entries accepted in one descriptor", int),
+    Option("--max-entry-bytes", 4096, "longest descriptor key, value or domain accepted, in UTF-8 bytes", int),
+    Option(
+        "--limit-overrides",
+        "allow",
+        "limit overrides in requests (the caller picks counter, unit and limit): allow, within the caps "
+        "below, or refuse (INVALID_ARGUMENT)",
+        choices=tuple(policy.value for policy in OverridePolicy),
+    ),
+    Option(
+        "--max-override-unit",
+        "day",
+        "longest unit a limit override may use (it bounds the TTL of the keys overrides create)",
+        str.lower,
+        choices=tuple(unit.name.lower() for unit in sorted(Unit, key=lambda u: u.seconds if u else 0) if unit),
+    ),
+    Option("--max-override-requests-per-unit", MAX_UINT32, "largest requests_per_unit a limit override may set", int),
     Option("--response-headers", False, "add RateLimit-Limit/-Remaining/-Reset response headers", _bool),
     Option("--header-limit", "RateLimit-Limit", "name of the limit header"),
     Option("--header-remaining", "RateLimit-Remaining", "name of the remaining header"),
@@ -136,6 +161,7 @@ class Settings:
     breaker_cooldown_ms: float
     redis_batching: bool
     over_limit_cache: bool
+    over_limit_cache_entries: int
     workers: int
     reuse_port: bool
     event_loop: str
@@ -153,6 +179,11 @@ class Settings:
     shadow_mode: bool
     merge_domains: bool
     max_descriptors: int
+    max_descriptor_entries: int
+    max_entry_bytes: int
+    limit_overrides: str
+    max_override_unit: str
+    max_override_requests_per_unit: int
     response_headers: bool
     header_limit: str
     header_remaining: str
@@ -161,6 +192,16 @@ class Settings:
     shutdown_delay_s: float
     shutdown_grace_s: float
     log_level: str
+
+    def request_caps(self) -> RequestCaps:
+        return RequestCaps(
+            max_descriptors=self.max_descriptors,
+            max_descriptor_entries=self.max_descriptor_entries,
+            max_entry_bytes=self.max_entry_bytes,
+            limit_overrides=OverridePolicy(self.limit_overrides),
+            max_override_unit=Unit[self.max_override_unit.upper()],
+            max_override_requests_per_unit=self.max_override_requests_per_unit,
+        )
 
     def redacted_redis_url(self) -> str:
         """The Redis URL without its password, for logs."""

@@ -17,7 +17,7 @@ clock read, so an entry expires at or before the true instant: the cache may ask
 again early, never answer later than the store would.
 
 Memory: at most `max_entries` entries; a key is a fixed-size digest (see `keys`), so an entry
-is about 250 bytes (with the default prefix) whatever the request carried. When full, the
+is about 270 bytes (with the default prefix) whatever the request carried. When full, the
 oldest entry goes (O(1)); expired entries are dropped when met.
 """
 
@@ -44,7 +44,7 @@ class OverLimitCache(WrappingBackend):
     ) -> None:
         super().__init__(inner)
         if max_entries < 1:
-            raise ValueError("the over-limit cache needs room for at least one entry")
+            raise ValueError("--over-limit-cache-entries must be at least 1")
         self._max_entries = max_entries
         self._clock_s = clock_s
         # Insertion order is the eviction order: popitem(last=False) is O(1), where deleting

@@ -51,6 +51,10 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DESCRIPTORS = 64
 UINT32, UINT64 = 2**32 - 1, 2**64 - 1
 VALID_UNITS = range(1, 8)
+# The defaults of --max-entry-bytes, --max-descriptor-entries and --max-override-unit (day).
+MAX_ENTRY_BYTES = 4096
+MAX_DESCRIPTOR_ENTRIES = 32
+OVERRIDE_UNITS = (Unit.SECOND, Unit.MINUTE, Unit.HOUR, Unit.DAY)
 # "ratelimit:" + "{" 16 hex "}" + ":" + 40 hex (BLAKE2b-160), whatever the request held.
 KEY_PATTERN = re.compile(rb"^ratelimit:\{[0-9a-f]{16}\}:[0-9a-f]{40}$")
 CLEAR_ERRORS = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
@@ -116,9 +120,9 @@ short_text = st.text(max_size=24)
 named_keys = st.sampled_from(["user", "detail", "path", "tenant", "plan", "dup", "nowhere"])
 keys = weighted((150, named_keys), (50, st.text(min_size=1, max_size=24)), (1, st.just("")))
 values = weighted((4, st.sampled_from(["tracked", "", "/api/x", "*", "/api/*"])), (6, short_text))
-# Up to 100,000 characters (up to 400 KB of UTF-8), cheap to generate.
+# 1,000 to 100,000 characters (up to 400 KB of UTF-8), around and far beyond the caps.
 long_values = st.builds(lambda seed, length: (seed * length)[:length], st.text(min_size=1, max_size=4),
-                        st.integers(10_000, 100_000))  # fmt: skip
+                        st.integers(1_000, 100_000))  # fmt: skip
 descriptor_hits = weighted(
     (6, st.none()), (2, st.sampled_from([0, 1, 2, UINT32, UINT64])), (2, st.integers(0, UINT64)), (2, st.integers(0, 9))
 )
@@ -196,16 +200,26 @@ def sized_request(size: int) -> rls_pb2.RateLimitRequest:
 # --- what the answer must be ---------------------------------------------------------
 
 
+def utf8_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def expected_error(request: rls_pb2.RateLimitRequest) -> str | None:
     """The status the README's table promises for this request, None for an answer."""
     if request.ByteSize() > MAX_MESSAGE_BYTES:
         return "RESOURCE_EXHAUSTED"
     if not request.domain or not request.descriptors or len(request.descriptors) > MAX_DESCRIPTORS:
         return "INVALID_ARGUMENT"
+    if utf8_bytes(request.domain) > MAX_ENTRY_BYTES:
+        return "INVALID_ARGUMENT"
     for descriptor in request.descriptors:
         if not descriptor.entries or any(not entry.key for entry in descriptor.entries):
             return "INVALID_ARGUMENT"
-        if descriptor.HasField("limit") and descriptor.limit.unit not in VALID_UNITS:
+        if len(descriptor.entries) > MAX_DESCRIPTOR_ENTRIES:
+            return "INVALID_ARGUMENT"
+        if any(max(utf8_bytes(e.key), utf8_bytes(e.value)) > MAX_ENTRY_BYTES for e in descriptor.entries):
+            return "INVALID_ARGUMENT"
+        if descriptor.HasField("limit") and descriptor.limit.unit not in OVERRIDE_UNITS:
             return "INVALID_ARGUMENT"
     return None
 
@@ -328,7 +342,7 @@ def test_a_request_naming_one_counter_twice_never_admits_more_than_the_limit(fuz
         rls_pb2.RateLimitRequest(domain="fuzz", hits_addend=3, descriptors=[twice, twice]), timeout=CALL_DEADLINE_S
     )
     counted = probes.counted_hits(fuzzed.store, probes.sliding_key("fuzz", [("dup", value)], Unit.HOUR))
-    assert counted <= 5, f"the counter holds {counted} hits over its limit of 5"
+    assert counted == 0, f"a rejected request charged {counted} hits"
     assert response.overall_code == rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
