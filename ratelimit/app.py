@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # check asks for the RateLimitService, which stays SERVING while the failure mode answers.
 BACKEND_HEALTH_SERVICE = "ratelimit.Backend"
 CONFIG_HEALTH_SERVICE = "ratelimit.Config"
+TLS_HEALTH_SERVICE = "ratelimit.Tls"
 STATE_REPORT_INTERVAL_S = 0.25
 
 
@@ -140,6 +141,10 @@ class Replica:
             self.metrics.circuit_open.set(0 if backend_ok else 1)
             await self.server.set_component_health(BACKEND_HEALTH_SERVICE, backend_ok)
             await self.server.set_component_health(CONFIG_HEALTH_SERVICE, self.config.last_error is None)
+            if self.server.certificate is not None:
+                tls_ok = self.server.certificate.last_error is None
+                self.metrics.tls_certificate_healthy.set(1 if tls_ok else 0)
+                await self.server.set_component_health(TLS_HEALTH_SERVICE, tls_ok)
             await asyncio.sleep(STATE_REPORT_INTERVAL_S)
 
     async def stop(self) -> None:

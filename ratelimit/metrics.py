@@ -146,6 +146,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemin",
         )
+        self.tls_certificate_healthy = Gauge(
+            "ratelimit_tls_certificate_healthy",
+            "1 when the TLS files on disk are the certificate in force, 0 when a change was refused (invalid PEM, "
+            "a key that does not match) and the previous certificate is kept.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.global_shadow_mode = Counter(
             "ratelimit_global_shadow_mode",
             "Requests over limit answered OK because global shadow mode is on.",

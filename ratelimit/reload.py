@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Sequence
 
 from ratelimit.config import ConfigError, RateLimitConfig, discover_config_files, load_config
+from ratelimit.filemarks import FileMark, file_mark
 from ratelimit.metrics import Metrics, RuleLabels
 
 log = logging.getLogger(__name__)
 
-Fingerprint = tuple[tuple[str, str, int, int, int], ...]
+Fingerprint = tuple[FileMark, ...]
 
 
 def fingerprint(paths: Sequence[str]) -> Fingerprint:
-    """What identifies the config's content on disk: each file's real path, inode, size, mtime."""
+    """What identifies the config's content on disk: a mark per file (a missing one included)."""
     try:
         files = discover_config_files(paths)
     except ConfigError:
@@ -29,12 +29,9 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint:
     marks = []
     for file in files:
         try:
-            real = os.path.realpath(file)
-            stat = os.stat(real)
+            marks.append(file_mark(file))
         except OSError:
             marks.append((file, "", -1, -1, -1))
-            continue
-        marks.append((file, real, stat.st_ino, stat.st_size, stat.st_mtime_ns))
     return tuple(marks)
 
 

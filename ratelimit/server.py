@@ -31,7 +31,7 @@ from ratelimit.service import (
     RateLimitDecision,
     RateLimitService,
 )
-from ratelimit.tls import TlsFiles, server_credentials
+from ratelimit.tls import CertificateState, TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +193,12 @@ class RateLimitServer:
             self._server,
         )
         address = f"{host}:{port}"
+        self.certificate: CertificateState | None = None if tls is None else CertificateState()
         try:
             if tls is None:
                 self.port = self._server.add_insecure_port(address)
             else:
-                self.port = self._server.add_secure_port(address, server_credentials(tls))
+                self.port = self._server.add_secure_port(address, server_credentials(tls, self.certificate))
         except RuntimeError as exc:  # grpc's way of saying the bind failed
             raise OSError(f"cannot bind the gRPC port {address} (in use?)") from exc
         if self.port == 0:

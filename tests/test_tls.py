@@ -9,8 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ratelimit.client import RateLimitClient, TlsOptions
+from tests.faults.probes import metric_value, scrape, wait_until
 from tests.support.certs import make_ca
 from tests.support.replica import running_replica
 
@@ -77,3 +79,43 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> No
         assert ask(replica.target, TlsOptions.from_files(str(second.ca_cert))) == "OK"
         with pytest.raises(grpc.RpcError):
             ask(replica.target, TlsOptions.from_files(str(first.ca_cert)))
+
+
+def tls_health(target: str, ca_cert: Path) -> str:
+    credentials = grpc.ssl_channel_credentials(ca_cert.read_bytes())
+    with grpc.secure_channel(target, credentials) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="ratelimit.Tls"), timeout=5
+        )
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+@pytest.mark.parametrize("broken", ["garbage-pem", "mismatched-key"])
+def test_an_invalid_certificate_change_is_refused_and_the_old_one_kept(tmp_path: Path, broken: str) -> None:
+    pki = make_ca(tmp_path / "pki")
+    cert, key = pki.issue(tmp_path / "pki", "server", server=True)
+    _other_cert, other_key = pki.issue(tmp_path / "pki", "other", server=True)
+    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
+    shutil.copy(cert, live_cert)
+    shutil.copy(key, live_key)
+    args = ["--tls-cert-file", str(live_cert), "--tls-key-file", str(live_key)]
+    trusting = TlsOptions.from_files(str(pki.ca_cert))
+    with running_replica(tmp_path, [SERVICE_YAML], extra_args=args, tls_ca=pki.ca_cert) as replica:
+        assert tls_health(replica.target, pki.ca_cert) == "SERVING"
+        staged = live_key.with_suffix(".new")
+        if broken == "garbage-pem":
+            staged.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+        else:
+            shutil.copy(other_key, staged)
+        os.replace(staged, live_key)
+        # Each new connection asks for the certificate: the old one still serves every one.
+        for _ in range(3):
+            assert ask(replica.target, trusting) == "OK"
+        assert wait_until(lambda: tls_health(replica.target, pki.ca_cert) == "NOT_SERVING", timeout_s=5) is not None
+        metrics = scrape(replica.metrics_port)
+        assert metric_value(metrics, "ratelimit_tls_certificate_healthy") == 0
+        shutil.copy(key, staged)  # the valid key back: in force again
+        os.replace(staged, live_key)
+        assert ask(replica.target, trusting) == "OK"
+        assert wait_until(lambda: tls_health(replica.target, pki.ca_cert) == "SERVING", timeout_s=5) is not None
+        assert "Traceback" not in replica.log()
