@@ -108,6 +108,9 @@ def test_three_replicas_built_from_the_dockerfile_run_hardened(compose: dict[str
         assert mounts["/etc/ratelimit/limits"] == "./limits:/etc/ratelimit/limits:ro"
         assert spec["environment"]["RATELIMIT_CONFIG"] == "/etc/ratelimit/limits"
         assert spec["environment"]["RATELIMIT_REDIS_URL"] == "redis://redis:6379/0"
+        # serve defaults to loopback; the stack's peers reach the replica over its network.
+        assert spec["environment"]["RATELIMIT_GRPC_HOST"] == "0.0.0.0"
+        assert spec["environment"]["RATELIMIT_METRICS_HOST"] == "0.0.0.0"
         assert set(spec["environment"]) <= SETTING_VARIABLES, "unknown RATELIMIT_* settings"
 
 
@@ -314,7 +317,7 @@ def test_the_local_replicas_get_the_compose_settings(topology: Any, compose: dic
         assert local["RATELIMIT_GRPC_HOST"] == local["RATELIMIT_METRICS_HOST"] == "127.0.0.1"
         rewritten = {"RATELIMIT_CONFIG", "RATELIMIT_REDIS_URL", "RATELIMIT_GRPC_PORT", "RATELIMIT_METRICS_PORT"}
         assert {k: v for k, v in local.items() if k not in rewritten and "HOST" not in k} == {
-            k: str(v) for k, v in original.items() if k not in rewritten
+            k: str(v) for k, v in original.items() if k not in rewritten and "HOST" not in k
         }
 
 
