@@ -60,15 +60,20 @@ def test_mtls_refuses_a_client_without_a_valid_certificate(tmp_path: Path) -> No
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
+def served_copies(directory: Path, cert: Path, key: Path) -> tuple[Path, Path, list[str]]:
+    """Copies of the pair that a test may swap under a replica, and the flags that serve them."""
+    live_cert, live_key = directory / "live.crt", directory / "live.key"
+    shutil.copy(cert, live_cert)
+    shutil.copy(key, live_key)
+    return live_cert, live_key, ["--tls-cert-file", str(live_cert), "--tls-key-file", str(live_key)]
+
+
 def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
     first = make_ca(tmp_path / "first", "first-ca")
     second = make_ca(tmp_path / "second", "second-ca")
     cert, key = first.issue(tmp_path / "first", "server", server=True)
     new_cert, new_key = second.issue(tmp_path / "second", "server", server=True)
-    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
-    shutil.copy(cert, live_cert)
-    shutil.copy(key, live_key)
-    args = ["--tls-cert-file", str(live_cert), "--tls-key-file", str(live_key)]
+    live_cert, live_key, args = served_copies(tmp_path, cert, key)
     with running_replica(tmp_path, [SERVICE_YAML], extra_args=args, tls_ca=first.ca_cert) as replica:
         assert ask(replica.target, TlsOptions.from_files(str(first.ca_cert))) == "OK"
         for source, target in ((new_key, live_key), (new_cert, live_cert)):
@@ -95,10 +100,7 @@ def test_an_invalid_certificate_change_is_refused_and_the_old_one_kept(tmp_path:
     pki = make_ca(tmp_path / "pki")
     cert, key = pki.issue(tmp_path / "pki", "server", server=True)
     _other_cert, other_key = pki.issue(tmp_path / "pki", "other", server=True)
-    live_cert, live_key = tmp_path / "live.crt", tmp_path / "live.key"
-    shutil.copy(cert, live_cert)
-    shutil.copy(key, live_key)
-    args = ["--tls-cert-file", str(live_cert), "--tls-key-file", str(live_key)]
+    _live_cert, live_key, args = served_copies(tmp_path, cert, key)
     trusting = TlsOptions.from_files(str(pki.ca_cert))
     with running_replica(tmp_path, [SERVICE_YAML], extra_args=args, tls_ca=pki.ca_cert) as replica:
         assert tls_health(replica.target, pki.ca_cert) == "SERVING"
