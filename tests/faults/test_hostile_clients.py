@@ -210,3 +210,23 @@ def test_serve_with_no_host_flags_listens_on_loopback_only(tmp_path: Path, fault
                                 metrics_bound=sorted(bound["metrics"])))  # fmt: skip
     assert bound["grpc"] and bound["metrics"]
     assert bound["grpc"] <= loopback and bound["metrics"] <= loopback, bound
+
+
+def test_many_distinct_full_counters_never_stall_the_replica(replica_with: object, fault_table: FaultTable) -> None:
+    """Attack 3: requests of 64 distinct full counters each, through an over-limit cache of 2,000
+    entries, so it evicts all the time; every call stays well inside Envoy's timeout."""
+    _replica, stub = replica_with("--over-limit-cache-entries", "2000")  # type: ignore[operator]
+    outcomes: Counter[str] = Counter()
+    latencies = []
+    for batch in range(150):  # 9,600 distinct counters, each admitted once then refused (cached)
+        request = [descriptor(("roomy", f"evict-{batch}-{index}"), override=(1, Unit.MINUTE)) for index in range(64)]
+        for _ in range(2):
+            started = time.monotonic()
+            outcomes[ask(stub, *request)] += 1
+            latencies.append(time.monotonic() - started)
+    latencies.sort()
+    fault_table.add(outcome_row("attack 3: 9,600 distinct full counters, cache of 2,000", "no stall: calls stay "
+                                "fast while the cache evicts", outcomes, p99_ms=latencies[len(latencies) * 99 // 100]
+                                * 1000, slowest_ms=latencies[-1] * 1000))  # fmt: skip
+    assert outcomes == Counter(OK=150, OVER_LIMIT=150)
+    assert latencies[-1] < 0.5, f"slowest call {latencies[-1] * 1000:.0f} ms"
