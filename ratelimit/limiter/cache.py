@@ -61,6 +61,11 @@ class OverLimitCache(WrappingBackend):
             return cached
         decision = await self._inner.evaluate(requests)
         self._store_offset_ms = decision.now_ms - time.time_ns() // 1_000_000
+        if not decision.admitted:  # an enforcing counter over its limit always refuses
+            self._remember_full(requests, decision, sent_at)
+        return decision
+
+    def _remember_full(self, requests: Sequence[CounterRequest], decision: Decision, sent_at: float) -> None:
         seen: set[str] = set()
         for request, result in zip(requests, decision.results):
             first_mention = request.key not in seen
@@ -69,16 +74,15 @@ class OverLimitCache(WrappingBackend):
             # request, is at or over its limit, and reset_ms is the wait for one hit.
             if first_mention and result.over_limit and _cacheable(request):
                 self._remember((request.key, request.limit), sent_at + result.reset_ms / 1000)
-        return decision
 
     def _answer_from_cache(self, requests: Sequence[CounterRequest], now_s: float) -> Decision | None:
         """The store's answer when every counter is an enforcing single hit known full, each named once."""
+        if len(requests) > 1 and len({request.key for request in requests}) < len(requests):
+            return None  # a counter named twice: the later mentions' answers depend on the earlier hits
         results = []
-        keys = set()
         for request in requests:
-            if not _cacheable(request) or request.key in keys:
+            if not _cacheable(request):
                 return None
-            keys.add(request.key)
             cache_key = (request.key, request.limit)
             full_until = self._full_until.get(cache_key)
             if full_until is None:
