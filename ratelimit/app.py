@@ -75,6 +75,19 @@ def make_store(settings: Settings, metrics: Metrics) -> tuple[Backend, CircuitBr
     return breaker, breaker
 
 
+def open_metrics_exporter(registry: CollectorRegistry, settings: Settings) -> MetricsExporter:
+    """The exporter on --metrics-host:--metrics-port; a port that cannot be bound is an OSError
+    that names it and the flag, as the gRPC port's does."""
+    try:
+        return MetricsExporter(registry, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OSError(
+            f"cannot bind the metrics port {settings.metrics_host}:{settings.metrics_port} ({reason}): "
+            "choose another with --metrics-port (RATELIMIT_METRICS_PORT), or 0 to turn the exporter off"
+        ) from None
+
+
 def service_options(settings: Settings) -> ServiceOptions:
     return ServiceOptions(
         key_prefix=settings.key_prefix,
@@ -113,25 +126,29 @@ class Replica:
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        if self.settings.metrics_port:
+            try:
+                # Before anything runs: a port in use then stops the start with nothing to undo.
+                self.exporter = open_metrics_exporter(self.metrics.registry, self.settings)
+            except OSError:
+                await self.server.stop(0)  # never started; leaves no grpc object for a closed loop
+                raise
         try:
             await self.backend.prepare()
         except BackendError as exc:  # not fatal: requests follow the failure mode until it is up
             log.warning("backend not ready at start: %s", exc)
         await self.server.start()
-        if self.settings.metrics_port:
-            self.exporter = MetricsExporter(
-                self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port
-            )
         if self.settings.config_poll_s > 0 and self.settings.config:
             self._background.append(asyncio.create_task(self.config.watch(self.settings.config_poll_s)))
         self._background.append(asyncio.create_task(self._report_state()))
         log.info(
-            "serving RateLimitService on %s:%d (backend %s%s), metrics on %s",
+            "serving RateLimitService on %s:%d (backend %s%s), metrics on %s; limits: %s",
             self.settings.grpc_host,
             self.server.port,
             self.settings.backend,
             f" {self.settings.redacted_redis_url()}" if self.settings.backend == "redis" else "",
             f"{self.settings.metrics_host}:{self.exporter.port}" if self.exporter else "off",
+            self.config.current().summary(),
         )
 
     async def _report_state(self) -> None:

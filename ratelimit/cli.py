@@ -13,8 +13,8 @@ import grpc
 
 from ratelimit import __version__
 from ratelimit.client import parse_descriptor
-from ratelimit.config import ConfigError, validate_paths
-from ratelimit.settings import Settings, add_serve_arguments, settings_from_args
+from ratelimit.config import ConfigError, InvalidConfig, check_config
+from ratelimit.settings import HelpFormatter, Settings, add_option, add_serve_arguments, option, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,25 +22,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run one replica")
+    serve = commands.add_parser("serve", help="run one replica", formatter_class=HelpFormatter)
     add_serve_arguments(serve, os.environ)
 
-    validate = commands.add_parser("validate-config", help="check limits config files; exit 1 on errors")
+    validate = commands.add_parser(
+        "validate-config",
+        help="check limits config files as serve loads them; print every error; exit 1 on errors",
+        formatter_class=HelpFormatter,
+    )
     validate.add_argument("paths", nargs="+", help="YAML files or directories")
-    validate.add_argument("--merge-domains", action="store_true", help="allow several files per domain")
+    add_option(validate, option("--merge-domains"), os.environ, positionals=True)
 
-    check = commands.add_parser("check", help="ask a running service, print each descriptor's status")
-    check.add_argument("--target", default="127.0.0.1:8081", help="host:port of the gRPC service")
-    check.add_argument("--domain", required=True)
+    check = commands.add_parser(
+        "check",
+        help="ask a running service, print each descriptor's status; exit 0 OK, 1 OVER_LIMIT, 2 error",
+        description="Ask a running service once and print each descriptor's status. "
+        "Exit status: 0 when the answer is OK, 1 when it is OVER_LIMIT, 2 on an error (no answer).",
+    )
+    check.add_argument("--target", default="127.0.0.1:8081", help="host:port of the service [default 127.0.0.1:8081]")
+    check.add_argument("--domain", required=True, help="rate limit domain (required)")
     check.add_argument(
         "--descriptor",
         action="append",
         required=True,
         type=parse_descriptor,
-        help="k=v[,k=v...] (repeatable: one per descriptor)",
+        help="k=v[,k=v...] (required; repeatable: one per descriptor)",
     )
-    check.add_argument("--hits", type=int, default=0, help="hits_addend (0 means 1)")
-    check.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    check.add_argument("--hits", type=int, default=0, help="hits_addend, 0 means 1 [default 0]")
+    check.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds [default 2.0]")
     return parser
 
 
@@ -54,21 +63,19 @@ def run_serve(settings: Settings) -> int:
         )
         return 2
     if settings.workers > 1:
-        errors = validate_paths(settings.config, merge_domains=settings.merge_domains)
+        # The workers load the config themselves; checking it here stops a bad one, with
+        # all its errors, before any worker starts.
+        _, errors = check_config(settings.config, merge_domains=settings.merge_domains)
         if errors:
-            print(f"ratelimit: invalid config: {errors[0]}", file=sys.stderr)
-            return 2
-        from ratelimit.config import load_config
-        from ratelimit.reload import require_domains
-
-        try:
-            require_domains(load_config(settings.config, merge_domains=settings.merge_domains), settings.config)
-        except ConfigError as exc:
-            print(f"ratelimit: invalid config: {exc}", file=sys.stderr)
+            _print_invalid_config(errors)
             return 2
         from ratelimit.workers import run_workers
 
-        return run_workers(settings)
+        try:
+            return run_workers(settings)
+        except OSError as exc:
+            print(f"ratelimit: {exc}", file=sys.stderr)
+            return 1
 
     from ratelimit.app import Replica
 
@@ -78,13 +85,21 @@ def run_serve(settings: Settings) -> int:
 
     try:
         _event_loop_runner(settings.event_loop)(main())
-    except ConfigError as exc:
-        print(f"ratelimit: invalid config: {exc}", file=sys.stderr)
+    except InvalidConfig as exc:
+        _print_invalid_config(exc.errors)
         return 2
     except (OSError, ValueError) as exc:
         print(f"ratelimit: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_invalid_config(errors: Sequence[ConfigError]) -> None:
+    """Every error on a line of its own (`file: line N: message`), under one saying what happened."""
+    count = f"{len(errors)} {'error' if len(errors) == 1 else 'errors'}"
+    print(f"ratelimit: invalid limits config, not starting ({count}):", file=sys.stderr)
+    for error in errors:
+        print(error, file=sys.stderr)
 
 
 def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
@@ -100,12 +115,17 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], Non
 
 
 def run_validate(paths: Sequence[str], merge_domains: bool) -> int:
-    errors = validate_paths(paths, merge_domains=merge_domains)
+    config, errors = check_config(paths, merge_domains=merge_domains)
     for error in errors:
         print(error, file=sys.stderr)
-    if not errors:
-        print(f"ok: {', '.join(paths)}")
-    return 1 if errors else 0
+    if errors:
+        return 1
+    print(f"ok: {', '.join(paths)}: {config.summary()}")
+    return 0
+
+
+# `check`'s exit status, so that a script can branch on the answer.
+CHECK_OK, CHECK_OVER_LIMIT, CHECK_ERROR = 0, 1, 2
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -116,7 +136,7 @@ def run_check(args: argparse.Namespace) -> int:
             result = client.should_rate_limit(args.domain, args.descriptor, hits_addend=args.hits)
         except grpc.RpcError as exc:
             print(f"ratelimit check: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return CHECK_ERROR
     rows = [("descriptor", "code", "limit", "remaining", "reset_s")]
     for descriptor, status in zip(args.descriptor, result.statuses):
         limit = f"{status.requests_per_unit}/{status.unit}" if status.unit else "-"
@@ -128,7 +148,7 @@ def run_check(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print(f"overall: {result.overall_code}")
-    return 0
+    return CHECK_OVER_LIMIT if result.over_limit else CHECK_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

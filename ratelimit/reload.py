@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import Sequence
 
-from ratelimit.config import ConfigError, RateLimitConfig, discover_config_files, load_config
+from ratelimit.config import ConfigError, InvalidConfig, RateLimitConfig, discover_config_files, load_config
 from ratelimit.filemarks import FileMark, file_mark
 from ratelimit.metrics import Metrics, RuleLabels
 
@@ -35,17 +35,6 @@ def fingerprint(paths: Sequence[str]) -> Fingerprint:
     return tuple(marks)
 
 
-def require_domains(config: RateLimitConfig, paths: Sequence[str]) -> RateLimitConfig:
-    """`config`, or ConfigError when it holds no domain: serving none answers OK to everything,
-    which is a mistake (a wrong path, an empty ConfigMap mid-update), never an operator's intent."""
-    if not config.domains:
-        raise ConfigError(
-            ", ".join(paths) or "(no --config)",
-            "the limits config holds no domain; --config names the YAML files or folders to load",
-        )
-    return config
-
-
 class ConfigHolder:
     """Holds the config in force; a request reads it once (`current()`), so a reload
     mid-request never mixes two configs."""
@@ -62,11 +51,12 @@ class ConfigHolder:
         return self._config
 
     def load(self) -> None:
-        """Load now; raise ConfigError (and keep the old config) when the files are invalid."""
+        """Load now; raise InvalidConfig, with every error, and keep the old config when
+        the files are invalid."""
         marks = fingerprint(self._paths)
         try:
-            config = require_domains(load_config(self._paths, merge_domains=self._merge_domains), self._paths)
-        except ConfigError as exc:
+            config = load_config(self._paths, merge_domains=self._merge_domains)
+        except InvalidConfig as exc:
             self._fingerprint = marks  # don't retry the same bad files every poll
             self.last_error = str(exc)
             self._metrics.config_load_error.inc()
@@ -87,10 +77,16 @@ class ConfigHolder:
             return False
         try:
             self.load()
-        except ConfigError as exc:
-            log.error("config reload failed, keeping the previous config: %s", exc)
+        except InvalidConfig as exc:
+            # One log line (log shippers keep lines whole) naming every bad file, line and key.
+            log.error(
+                "config reload failed, keeping the previous config (%d %s): %s",
+                len(exc.errors),
+                "error" if len(exc.errors) == 1 else "errors",
+                "; ".join(str(error) for error in exc.errors),
+            )
             return False
-        log.info("config reloaded: domains %s", ", ".join(self._config.domains) or "(none)")
+        log.info("config reloaded: %s", self._config.summary())
         return True
 
     async def watch(self, poll_s: float) -> None:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from ratelimit.config.model import Unit
+from ratelimit.config.model import UNIT_NAMES, Unit
 from ratelimit.guards import OverridePolicy, RequestCaps
 from ratelimit.limiter.redis_url import parse_redis_url
 from ratelimit.service import MAX_UINT32, FailureMode
@@ -127,7 +127,7 @@ OPTIONS: tuple[Option, ...] = (
         "day",
         "longest unit a limit override may use (it bounds the TTL of the keys overrides create)",
         str.lower,
-        choices=tuple(unit.name.lower() for unit in sorted(Unit, key=lambda u: u.seconds if u else 0) if unit),
+        choices=UNIT_NAMES,
     ),
     Option("--max-override-requests-per-unit", MAX_UINT32, "largest requests_per_unit a limit override may set", int),
     Option("--response-headers", False, "add RateLimit-Limit/-Remaining/-Reset response headers", _bool),
@@ -227,29 +227,98 @@ class _AppendOverDefault(argparse.Action):
         setattr(namespace, self.dest, [*current, values])
 
 
+class _BooleanFlag(argparse.BooleanOptionalAction):
+    """`--shadow-mode` turns it on and `--no-shadow-mode` off, over the environment.
+
+    An explicit value (`--redis-batching false`) is still accepted, as these flags took one
+    before and scripts (the benchmark comparing revisions among them) pass it.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.nargs = "?"
+        self.metavar = "true|false"
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        negated = bool(option_string and option_string.startswith("--no-"))
+        if values is None:
+            setattr(namespace, self.dest, not negated)
+            return
+        if negated:
+            raise argparse.ArgumentError(self, f"{option_string} takes no value")
+        try:
+            setattr(namespace, self.dest, _bool(values))
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a boolean flag as `--shadow-mode [true|false], --no-shadow-mode`: the negative
+    form takes no value, whatever argparse would print for it."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _BooleanFlag):
+            positive, negative = action.option_strings
+            return f"{positive} [{action.metavar}], {negative}"
+        return super()._format_action_invocation(action)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     for option in OPTIONS:
-        env = env_name(option.flag)
-        default: Any = option.default
-        if env in environ:
-            raw = environ[env]
-            if option.repeated:
-                default = [part for part in raw.split(",") if part]
-            else:
-                try:
-                    default = option.parse(raw)
-                except (ValueError, argparse.ArgumentTypeError) as exc:
-                    parser.error(f"{env}={raw!r}: {exc}")
-                if option.choices and default not in option.choices:
-                    parser.error(f"{env}={raw!r}: choose from {', '.join(option.choices)}")
-        kwargs: dict[str, Any] = {"default": default, "help": f"{option.help} [env {env}]"}
+        add_option(parser, option, environ)
+
+
+def option(flag: str) -> Option:
+    """The OPTIONS entry of `flag` (for commands that share one of serve's settings)."""
+    return next(entry for entry in OPTIONS if entry.flag == flag)
+
+
+def add_option(
+    parser: argparse.ArgumentParser, option: Option, environ: Mapping[str, str], *, positionals: bool = False
+) -> None:
+    """One setting as a flag whose default is its environment variable's value, if set.
+
+    With `positionals` (the command takes operands), a boolean flag takes no value, so that
+    `--merge-domains limits/` does not read `limits/` as the flag's value.
+    """
+    env = env_name(option.flag)
+    default: Any = option.default
+    if env in environ:
+        raw = environ[env]
         if option.repeated:
-            kwargs["action"] = _AppendOverDefault
+            default = [part for part in raw.split(",") if part]
         else:
-            kwargs["type"] = option.parse
-        if option.choices:
-            kwargs["choices"] = option.choices
-        parser.add_argument(option.flag, **kwargs)
+            try:
+                default = option.parse(raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{env}={raw!r}: {exc}")
+            if option.choices and default not in option.choices:
+                parser.error(f"{env}={raw!r}: choose from {', '.join(option.choices)}")
+    # The built-in default, so --help reads the same whatever the environment holds.
+    kwargs: dict[str, Any] = {"default": default, "help": f"{option.help} [default {_shown(option)}; env {env}]"}
+    if option.repeated:
+        kwargs["action"] = _AppendOverDefault
+    elif option.parse is _bool:
+        kwargs["action"] = argparse.BooleanOptionalAction if positionals else _BooleanFlag
+    else:
+        kwargs["type"] = option.parse
+    if option.choices:
+        kwargs["choices"] = option.choices
+    parser.add_argument(option.flag, **kwargs)
+
+
+def _shown(option: Option) -> str:
+    if isinstance(option.default, bool):
+        return "true" if option.default else "false"
+    if option.default in ("", []):
+        return "none"
+    return str(option.default)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

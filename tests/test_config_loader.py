@@ -13,6 +13,7 @@ import pytest
 from ratelimit.config import (
     Algorithm,
     ConfigError,
+    InvalidConfig,
     RateLimitConfig,
     Unit,
     discover_config_files,
@@ -43,15 +44,16 @@ def load_text(tmp_path: Path, text: str, name: str = "limits.yaml") -> RateLimit
 
 def load_error(tmp_path: Path, text: str, name: str = "limits.yaml") -> ConfigError:
     path = write(tmp_path, name, text)
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(InvalidConfig) as raised:
         load_config([path])
-    error = raised.value
+    error = raised.value.errors[0]  # the file's first error; a file may have more
     assert error.file == str(path)
-    assert str(error) == f"{path}: {error.message}"
+    where = f"line {error.line}: " if error.line is not None else ""
+    assert str(error) == f"{path}: {where}{error.message}"
     return error
 
 
-# --- one test per error kind: (YAML, the Go server's words, the key the error names) ----
+# --- one test per error kind: (YAML, the Go server's words, the key and line it names) --
 
 ERROR_CASES = {
     "unknown key nested": (
@@ -63,37 +65,44 @@ ERROR_CASES = {
         """,
         "config error, unknown key 'ratelimit'",
         "ratelimit",
+        4,
     ),
     "unknown key top level": (
         "domain: d\ndescriptor: []\n",
         "config error, unknown key 'descriptor'",
         "descriptor",
+        2,
     ),
-    "non-string key int": ("domain: d\n1: x\n", "config error, key is not of type string: 1", None),
+    "non-string key int": ("domain: d\n1: x\n", "config error, key is not of type string: 1", None, 2),
     "non-string key bool": (
         "domain: d\ntrue: x\n",
         "config error, key is not of type string: true",
         None,
+        2,
     ),
     "non-string key null": (
         "domain: d\n~: x\n",
         "config error, key is not of type string: <nil>",
         None,
+        2,
     ),
     "non-string key float": (
         "0.25: d\n",
         "config error, key is not of type string: 0.25",
         None,
+        1,
     ),
     "list item not a map": (
         "domain: d\ndescriptors: [a, b]\n",
         "config error, yaml file contains list of type other than map: a",
         "descriptors",
+        2,
     ),
     "list item a list": (
         "domain: d\ndescriptors: [[1, 2]]\n",
         "config error, yaml file contains list of type other than map: [1 2]",
         "descriptors",
+        2,
     ),
     "float leaf": (
         """\
@@ -104,13 +113,15 @@ ERROR_CASES = {
         """,
         "error checking config",
         "value",
+        4,
     ),
-    "empty domain": ("descriptors: []\n", "config file cannot have empty domain", "domain"),
-    "empty file": ("", "config file cannot have empty domain", "domain"),
+    "empty domain": ("descriptors: []\n", "config file cannot have empty domain", "domain", 1),
+    "empty file": ("", "config file cannot have empty domain", "domain", 1),
     "empty key": (
         "domain: d\ndescriptors:\n  - value: v\n",
         "descriptor has empty key",
         "key",
+        3,
     ),
     "duplicate composite key nested": (
         """\
@@ -123,6 +134,7 @@ ERROR_CASES = {
         """,
         "duplicate descriptor composite key 'd.a.b_c'",
         "d.a.b_c",
+        6,
     ),
     "ambiguous composite key": (
         """\
@@ -133,26 +145,32 @@ ERROR_CASES = {
         """,
         "duplicate descriptor composite key 'd.a_b_c'",
         "d.a_b_c",
+        4,
     ),
     "bad unit": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: fortnight}\n",
-        "invalid rate limit unit 'fortnight'",
+        "invalid rate limit unit 'fortnight' for key 'unit' "
+        "(valid units: second, minute, hour, day, week, month, year)",
         "unit",
+        4,
     ),
     "unit unknown": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: unknown}\n",
         "invalid rate limit unit 'unknown'",
         "unit",
+        4,
     ),
     "missing unit": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {requests_per_unit: 1}\n",
-        "invalid rate limit unit ''",
+        "missing rate limit unit for 'd.k': set key 'unit' to one of second, minute, hour, day, week, month, year",
         "unit",
+        4,
     ),
     "unlimited with unit": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unlimited: true, unit: day}\n",
         "should not specify rate limit unit when unlimited",
         "unit",
+        4,
     ),
     "empty replaces": (
         """\
@@ -163,6 +181,7 @@ ERROR_CASES = {
         """,
         "should not have an empty replaces entry",
         "replaces",
+        4,
     ),
     "self replaces": (
         """\
@@ -173,97 +192,118 @@ ERROR_CASES = {
         """,
         "replaces should not contain name of same descriptor",
         "replaces",
+        4,
     ),
     "share_threshold without wildcard": (
         "domain: d\ndescriptors:\n  - {key: k, value: v, share_threshold: true}\n",
         "share_threshold can only be used with wildcard values (containing '*'), but found key 'k_v'",
         "d.k_v",
+        3,
     ),
     "requests_per_unit negative": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, requests_per_unit: -1}\n",
-        "line 4: cannot unmarshal !!int `-1` into uint32 for key 'requests_per_unit'",
+        "cannot unmarshal !!int `-1` into uint32 for key 'requests_per_unit'",
         "requests_per_unit",
+        4,
     ),
     "requests_per_unit 2**32": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: day\n      requests_per_unit: 4294967296\n",
-        "line 6: cannot unmarshal !!int `4294967296` into uint32 for key "
+        "cannot unmarshal !!int `4294967296` into uint32 for key "
         "'requests_per_unit' (must be a non-negative integer < 2**32)",
         "requests_per_unit",
+        6,
     ),
     "requests_per_unit string": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, requests_per_unit: '5'}\n",
         "cannot unmarshal !!str `5` into uint32 for key 'requests_per_unit'",
         "requests_per_unit",
+        4,
     ),
     "requests_per_unit bool": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, requests_per_unit: true}\n",
         "cannot unmarshal !!bool `true` into uint32 for key 'requests_per_unit'",
         "requests_per_unit",
+        4,
     ),
     "requests_per_unit beyond int64": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit:\n      requests_per_unit: 99999999999999999999\n",
         "error checking config",
         "requests_per_unit",
+        5,
     ),
     "quoted bool": (
         "domain: d\ndescriptors:\n  - {key: k, shadow_mode: 'true'}\n",
         "cannot unmarshal !!str `true` into bool for key 'shadow_mode'",
         "shadow_mode",
+        3,
     ),
     "descriptors a map": (
         "domain: d\ndescriptors: {key: k}\n",
         "cannot unmarshal !!map into a list of descriptors for key 'descriptors'",
         "descriptors",
+        2,
     ),
     "rate_limit a string": (
         "domain: d\ndescriptors:\n  - {key: k, rate_limit: fast}\n",
         "cannot unmarshal !!str `fast` into a rate_limit map for key 'rate_limit'",
         "rate_limit",
+        3,
     ),
     "metadata a list": (
         "domain: d\ndescriptors:\n  - {key: k, metadata: [a]}\n",
         "cannot unmarshal !!seq into a metadata map for key 'metadata'",
         "metadata",
+        3,
     ),
     "domain a map": (
         "domain: {key: x}\n",
-        "line 1: cannot unmarshal !!map into string for key 'domain'",
+        "cannot unmarshal !!map into string for key 'domain'",
         "domain",
+        1,
     ),
     "domain a list of strings": (
         # The key validator sees the list first, as in Go.
         "domain: [a]\n",
         "config error, yaml file contains list of type other than map: a (in list 'domain')",
         "domain",
+        1,
     ),
     "unknown algorithm": (
         "domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: day, algorithm: token_bucket}\n",
-        "invalid rate limit algorithm 'token_bucket' for key 'algorithm' (expected 'sliding_window' or 'fixed_window')",
+        "invalid rate limit algorithm 'token_bucket' for key 'algorithm' "
+        "(valid algorithms: sliding_window, fixed_window)",
         "algorithm",
+        4,
     ),
     "top level a list": (
         "- domain: d\n",
-        "error loading config file: line 1: cannot unmarshal !!seq into a map",
+        "error loading config file: cannot unmarshal !!seq into a map",
         None,
+        1,
     ),
     "yaml syntax": (
         "domain: 'unterminated\n",
-        "error loading config file: yaml: line 2: found unexpected end of stream",
+        "error loading config file: yaml: found unexpected end of stream",
         None,
+        2,
     ),
     "recursive alias": (
         "domain: d\ndescriptors: &loop [*loop]\n",
-        "error loading config file: yaml: line 2: recursive alias",
+        "error loading config file: yaml: recursive alias",
         None,
+        2,
     ),
 }
 
 
-@pytest.mark.parametrize(("text", "message", "key"), ERROR_CASES.values(), ids=list(ERROR_CASES))
-def test_error_names_file_and_key(tmp_path: Path, text: str, message: str, key: str | None) -> None:
+@pytest.mark.parametrize(("text", "message", "key", "line"), ERROR_CASES.values(), ids=list(ERROR_CASES))
+def test_error_names_file_line_and_key(
+    tmp_path: Path, text: str, message: str, key: str | None, line: int | None
+) -> None:
     error = load_error(tmp_path, textwrap.dedent(text))
     assert message in error.message
     assert error.key == key
+    assert error.line == line
 
 
 def test_duplicate_domain_names_second_file(tmp_path: Path) -> None:
@@ -271,7 +311,7 @@ def test_duplicate_domain_names_second_file(tmp_path: Path) -> None:
     second = write(tmp_path, "b.yaml", "domain: basic\n")
     with pytest.raises(ConfigError) as raised:
         load_config([first, second])
-    assert str(raised.value) == f"{second}: duplicate domain 'basic' in config file"
+    assert str(raised.value) == f"{second}: line 1: duplicate domain 'basic' in config file"
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -483,7 +523,7 @@ def test_error_in_directory_names_the_file(tmp_path: Path) -> None:
     bad = write(tmp_path, "b.yaml", "domain: b\nratelimit: {}\n")
     with pytest.raises(ConfigError) as raised:
         load_config([tmp_path])
-    assert str(raised.value) == f"{bad}: config error, unknown key 'ratelimit'"
+    assert str(raised.value) == f"{bad}: line 2: config error, unknown key 'ratelimit'"
 
 
 def test_configmap_mount_loads_each_file_once(tmp_path: Path) -> None:
@@ -509,10 +549,18 @@ def test_dangling_symlink_is_skipped(tmp_path: Path) -> None:
     assert load_config([tmp_path]).domains == ("a",)
 
 
-def test_empty_directory_loads_no_domains(tmp_path: Path) -> None:
-    config = load_config([tmp_path])
-    assert config.domains == ()
-    assert not config.has_domain("anything")
+def test_an_empty_folder_is_an_error_naming_it(tmp_path: Path) -> None:
+    # Serving no domain answers OK to everything: a wrong path, never an intent.
+    (tmp_path / "notes.txt").write_text("not a config")
+    with pytest.raises(InvalidConfig) as raised:
+        load_config([tmp_path])
+    assert str(raised.value) == f"{tmp_path}: no config files (*.yaml, *.yml) in this folder"
+
+
+def test_no_paths_at_all_is_an_error() -> None:
+    assert [error.message for error in validate_paths([])] == [
+        "no limits config given: name YAML files or folders of them"
+    ]
 
 
 # --- merging domains across files --------------------------------------------------------
@@ -553,25 +601,88 @@ def test_merge_rejects_same_top_level_key_naming_second_file(tmp_path: Path) -> 
     second = write(tmp_path, "2.yaml", BASIC)
     with pytest.raises(ConfigError) as raised:
         load_config([first, second], merge_domains=True)
-    assert str(raised.value) == f"{second}: duplicate descriptor composite key 'basic.key1'"
+    assert str(raised.value) == f"{second}: line 3: duplicate descriptor composite key 'basic.key1'"
 
 
 # --- validate_paths ----------------------------------------------------------------------
 
 
-def test_validate_paths_reports_one_error_per_file_in_order(tmp_path: Path) -> None:
+def test_validate_paths_reports_every_error_of_every_file_in_order(tmp_path: Path) -> None:
     write(tmp_path, "a.yaml", BASIC)
-    write(tmp_path, "b.yaml", "domain: b\nbogus: 1\n")
+    write(tmp_path, "b.yaml", "domain: b\nbogus: 1\ndescriptors:\n  - {key: k, shadow_mode: maybe}\n")
     write(tmp_path, "c.yaml", BASIC)  # duplicate domain of a.yaml
-    write(tmp_path, "d.yaml", "domain: d\ndescriptors:\n  - {key: k, rate_limit: {unit: x}}\n")
+    write(
+        tmp_path,
+        "d.yaml",
+        """\
+        domain: d
+        descriptors:
+          - {key: k, rate_limit: {unit: x}}
+          - {key: j, rate_limit: {requests_per_unit: 1}}
+          - {key: k}
+        """,
+    )
     write(tmp_path, "e.yaml", "domain: e\n")
     errors = validate_paths([tmp_path])
+    units = "second, minute, hour, day, week, month, year"
     assert [str(error) for error in errors] == [
-        f"{tmp_path / 'b.yaml'}: config error, unknown key 'bogus'",
-        f"{tmp_path / 'c.yaml'}: duplicate domain 'basic' in config file",
-        f"{tmp_path / 'd.yaml'}: invalid rate limit unit 'x'",
+        f"{tmp_path / 'b.yaml'}: line 2: config error, unknown key 'bogus'",
+        f"{tmp_path / 'b.yaml'}: line 4: error loading config file: cannot unmarshal !!str `maybe` into bool "
+        "for key 'shadow_mode' (expected true or false)",
+        f"{tmp_path / 'c.yaml'}: line 1: duplicate domain 'basic' in config file",
+        f"{tmp_path / 'd.yaml'}: line 3: invalid rate limit unit 'x' for key 'unit' (valid units: {units})",
+        f"{tmp_path / 'd.yaml'}: line 4: missing rate limit unit for 'd.j': set key 'unit' to one of {units} "
+        "(or unlimited: true)",
+        f"{tmp_path / 'd.yaml'}: line 5: duplicate descriptor composite key 'd.k'",
     ]
     assert validate_paths([tmp_path / "a.yaml", tmp_path / "e.yaml"]) == []
+
+
+def test_load_config_raises_every_error_at_once(tmp_path: Path) -> None:
+    first = write(tmp_path, "a.yaml", "domain: a\nbogus: 1\n")
+    second = write(tmp_path, "b.yaml", "domain: b\ndescriptors:\n  - {key: k, rate_limit: {unit: fortnight}}\n")
+    with pytest.raises(InvalidConfig) as raised:
+        load_config([first, second])
+    assert [(error.file, error.line, error.key) for error in raised.value.errors] == [
+        (str(first), 2, "bogus"),
+        (str(second), 3, "unit"),
+    ]
+    # It reads as its first error, and str() shows them all, one a line.
+    assert (raised.value.file, raised.value.line) == (str(first), 2)
+    assert str(raised.value).splitlines() == [str(error) for error in raised.value.errors]
+    copy = pickle.loads(pickle.dumps(raised.value))
+    assert isinstance(copy, InvalidConfig) and str(copy) == str(raised.value)
+
+
+def test_a_key_written_twice_in_one_map_is_an_error_with_both_lines(tmp_path: Path) -> None:
+    error = load_error(
+        tmp_path,
+        """\
+        domain: d
+        descriptors:
+          - key: k
+            rate_limit: {unit: fortnight, requests_per_unit: 1}
+            rate_limit: {unit: day, requests_per_unit: 1}
+        """,
+    )
+    assert (error.line, error.key) == (5, "rate_limit")
+    assert error.message == (
+        "config error, duplicate key 'rate_limit' (first on line 4; YAML would keep only the last one)"
+    )
+
+
+def test_a_merge_key_overridden_in_place_is_no_duplicate(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path,
+        """\
+        domain: d
+        descriptors:
+          - &base {key: k, rate_limit: {unit: day, requests_per_unit: 1}}
+          - <<: *base
+            key: j
+        """,
+    )
+    assert _limit(config, "d", [("j", "")]) == 1
 
 
 def test_a_failing_file_leaves_nothing_behind(tmp_path: Path) -> None:

@@ -44,10 +44,13 @@ def test_check_command_prints_ok_ok_ok_over_limit(tmp_path: Path, redis_url: str
                 timeout=30,
                 cwd=PROJECT_ROOT,
             )
-            assert done.returncode == 0, done.stderr
-            outputs.append(done.stdout)
-    assert [o.splitlines()[-1] for o in outputs] == ["overall: OK"] * 3 + ["overall: OVER_LIMIT"]
-    assert "user=alice  OVER_LIMIT  3/MINUTE  0" in outputs[-1]
+            assert done.stderr == ""
+            outputs.append((done.returncode, done.stdout))
+    # The exit status says the answer: 0 OK, 1 OVER_LIMIT (2 is for errors).
+    assert [(code, out.splitlines()[-1]) for code, out in outputs] == [(0, "overall: OK")] * 3 + [
+        (1, "overall: OVER_LIMIT")
+    ]
+    assert "user=alice  OVER_LIMIT  3/MINUTE  0" in outputs[-1][1]
 
 
 def test_grpc_status_codes_for_bad_requests(tmp_path: Path, redis_url: str) -> None:
@@ -248,7 +251,7 @@ def test_validate_config_command(tmp_path: Path) -> None:
         cwd=PROJECT_ROOT,
     )
     assert failed.returncode == 1
-    assert f"{bad}: config error, unknown key 'ratelimit'" in failed.stderr
+    assert f"{bad}: line 4: config error, unknown key 'ratelimit'" in failed.stderr
 
 
 def test_workers_share_the_port_and_metrics_report_their_sum(tmp_path: Path, redis_url: str) -> None:

@@ -3,8 +3,10 @@
 Owns finding the files (paths, directories, ConfigMap mounts) and building the descriptor
 tree from the specs `config.parser` reads, with the Go server's loadConfig/loadDescriptors
 checks: empty domain, duplicate domain or composite key, units, replaces, share_threshold,
-plus this project's one additive key, `rate_limit.algorithm`. Error texts are the Go
-server's, so operators see the same messages from both.
+plus this project's one additive key, `rate_limit.algorithm`. Error texts start with the
+Go server's words, so operators recognise them, and add the line, the key and, for a
+value from a fixed set, the valid values. Where Go stops at the first error, this goes on
+and reports every error of every file.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
-from ratelimit.config.errors import ConfigError
+from ratelimit.config.errors import ConfigError, InvalidConfig
 from ratelimit.config.matcher import DescriptorNode, RateLimitConfig
-from ratelimit.config.model import Algorithm, RateLimitRule, Unit
+from ratelimit.config.model import UNIT_NAMES, Algorithm, RateLimitRule, Unit
 from ratelimit.config.parser import (
     DescriptorSpec,
     FileSpec,
@@ -59,43 +61,64 @@ def discover_config_files(paths: Iterable[PathLike]) -> list[str]:
     return files
 
 
+def check_config(
+    paths: Sequence[PathLike], *, merge_domains: bool = False
+) -> tuple[RateLimitConfig, list[ConfigError]]:
+    """The one validator (`serve`, hot reload and `validate-config` all use it): the config
+    under `paths` and every error of every file, in file order, then line order. The config
+    is only meaningful when there are no errors.
+
+    A folder without config files and an empty `paths` are errors: serving no domain answers
+    OK to everything, which is always a mistake (a wrong path, a ConfigMap mid-update).
+    """
+    errors: list[ConfigError] = []
+    files: list[str] = []
+    # Where each error goes in the report: the order of the paths and of their files.
+    order: dict[str, int] = {}
+    if not paths:
+        errors.append(ConfigError("(no config)", "no limits config given: name YAML files or folders of them"))
+    for path in paths:
+        order.setdefault(os.fspath(path), len(order))
+        try:
+            found = discover_config_files([path])
+        except ConfigError as error:
+            errors.append(error)
+            continue
+        if not found:
+            suffixes = ", ".join(f"*{suffix}" for suffix in CONFIG_SUFFIXES)
+            errors.append(ConfigError(os.fspath(path), f"no config files ({suffixes}) in this folder"))
+        for file in found:
+            order.setdefault(file, len(order))
+        files.extend(found)
+    # Like the Go server: every file is parsed before any is loaded into the tree.
+    parsed: list[tuple[FileSpec, bool]] = []
+    for file in files:
+        spec, file_errors = parse_file(file)
+        errors.extend(file_errors)
+        if spec is not None:
+            parsed.append((spec, not file_errors))
+    builder = _TreeBuilder(merge_domains)
+    for spec, parsed_cleanly in parsed:
+        errors.extend(builder.add_file(spec, keep=parsed_cleanly))
+    errors.sort(key=lambda error: (order.get(error.file, len(order)), error.line or 0))
+    return builder.build(), errors
+
+
 def load_config(paths: Sequence[PathLike], *, merge_domains: bool = False) -> RateLimitConfig:
-    """Load and validate every config file under `paths`; raise the first `ConfigError`.
+    """Load and validate every config file under `paths`; raise `InvalidConfig` with every error.
 
     With `merge_domains` several files may add descriptors to one domain (Go's
     MERGE_DOMAIN_CONFIG); without it a domain seen twice is an error naming the second file.
     """
-    files = discover_config_files(paths)
-    # Like the Go server: every file is parsed before any is loaded into the tree.
-    parsed = [parse_file(file) for file in files]
-    builder = _TreeBuilder(merge_domains)
-    for spec in parsed:
-        builder.add_file(spec)
-    return builder.build()
+    config, errors = check_config(paths, merge_domains=merge_domains)
+    if errors:
+        raise InvalidConfig(errors)
+    return config
 
 
 def validate_paths(paths: Sequence[PathLike], *, merge_domains: bool = False) -> list[ConfigError]:
-    """Every error in the config files under `paths`, at most one per file, in file order."""
-    errors: list[ConfigError] = []
-    parsed: list[FileSpec] = []
-    try:
-        files = discover_config_files(paths)
-    except ConfigError as error:
-        return [error]
-    for file in files:
-        try:
-            parsed.append(parse_file(file))
-        except ConfigError as error:
-            errors.append(error)
-    builder = _TreeBuilder(merge_domains)
-    for spec in parsed:
-        try:
-            builder.add_file(spec)
-        except ConfigError as error:
-            errors.append(error)
-    order = {file: index for index, file in enumerate(files)}
-    errors.sort(key=lambda error: order.get(error.file, len(order)))
-    return errors
+    """Every error in the config under `paths` (see `check_config`); empty when it is valid."""
+    return check_config(paths, merge_domains=merge_domains)[1]
 
 
 class _TreeBuilder:
@@ -105,37 +128,41 @@ class _TreeBuilder:
         self._rules: list[RateLimitRule] = []
         self._files: list[str] = []
 
-    def add_file(self, spec: FileSpec) -> None:
-        """Load one file's domain; on error nothing of the file is kept."""
-        file = spec.file
-        if not spec.domain:
-            raise ConfigError(file, "config file cannot have empty domain", key="domain")
-        existing = self._domains.get(spec.domain)
-        if existing is not None and not self._merge_domains:
-            raise ConfigError(
-                file,
-                f"duplicate domain '{spec.domain}' in config file",
-                key=spec.domain,
-            )
+    def add_file(self, spec: FileSpec, *, keep: bool = True) -> list[ConfigError]:
+        """Load one file's domain and return its errors; a file with errors leaves nothing
+        behind. `keep=False` (its parse found errors) checks the spec for more, never keeps it."""
+        errors = _FileErrors(spec.file)
+        domain = spec.domain
+        existing = None
+        if domain == "":
+            errors.add("config file cannot have empty domain (key 'domain')", "domain", spec.lines.of("domain"))
+        elif domain is not None:
+            existing = self._domains.get(domain)
+            if existing is not None and not self._merge_domains:
+                errors.add(f"duplicate domain '{domain}' in config file", domain, spec.lines.of("domain"))
+                existing = None
         # Load into a fresh root, checking top-level keys against the domain's existing
         # ones as well, then commit: a failing file leaves the tree as it was.
         staging = DescriptorNode()
         rules: list[RateLimitRule] = []
         taken = existing.children if existing is not None else {}
-        self._load_descriptors(file, staging, spec.domain, (), spec.descriptors, taken, rules)
+        self._load_descriptors(errors, staging, domain or "", (), spec.descriptors, taken, rules)
+        if errors.found or domain is None or not keep:
+            return errors.found
         if existing is None:
-            self._domains[spec.domain] = staging
+            self._domains[domain] = staging
         else:
             existing.adopt(staging)
         self._rules.extend(rules)
-        self._files.append(file)
+        self._files.append(spec.file)
+        return []
 
     def build(self) -> RateLimitConfig:
         return RateLimitConfig(self._domains, self._rules, self._files)
 
     def _load_descriptors(
         self,
-        file: str,
+        errors: _FileErrors,
         parent: DescriptorNode,
         parent_key: str,
         parent_parts: tuple[str, ...],
@@ -144,27 +171,29 @@ class _TreeBuilder:
         rules: list[RateLimitRule],
     ) -> None:
         for descriptor in descriptors:
+            lines = descriptor.lines
+            if descriptor.key is None or descriptor.value is None:
+                continue  # reported by the parser; its children would all be guesses
             if not descriptor.key:
-                raise ConfigError(file, "descriptor has empty key", key="key")
+                errors.add("descriptor has empty key (key 'key')", "key", lines.line)
+                continue
             # The Go composite key: "key" or "key_value"; it names the node everywhere.
             segment = f"{descriptor.key}_{descriptor.value}" if descriptor.value else descriptor.key
             full_key = f"{parent_key}.{segment}"
-            if segment in parent.children or segment in taken:
-                raise ConfigError(
-                    file,
-                    f"duplicate descriptor composite key '{full_key}'",
-                    key=full_key,
-                )
+            duplicate = segment in parent.children or segment in taken
+            if duplicate:
+                errors.add(f"duplicate descriptor composite key '{full_key}'", full_key, lines.of("key"))
             rule = None
             if descriptor.rate_limit is not None:
-                rule = _make_rule(file, descriptor, descriptor.rate_limit, full_key)
-                rules.append(rule)
+                rule = _make_rule(errors, descriptor, descriptor.rate_limit, full_key)
+                if rule is not None:
+                    rules.append(rule)
             if descriptor.share_threshold and "*" not in segment:
-                raise ConfigError(
-                    file,
+                errors.add(
                     "share_threshold can only be used with wildcard values (containing '*'), "
                     f"but found key '{segment}'",
-                    key=full_key,
+                    full_key,
+                    lines.of("share_threshold"),
                 )
             node = DescriptorNode(
                 segment=segment,
@@ -174,53 +203,72 @@ class _TreeBuilder:
                 value_to_metric=descriptor.value_to_metric,
                 share_threshold=descriptor.share_threshold,
             )
-            self._load_descriptors(
-                file,
-                node,
-                full_key,
-                node.stats_key_parts,
-                descriptor.descriptors,
-                {},
-                rules,
-            )
-            parent.add_child(node)
+            self._load_descriptors(errors, node, full_key, node.stats_key_parts, descriptor.descriptors, {}, rules)
+            if not duplicate:
+                parent.add_child(node)
 
 
-def _make_rule(file: str, descriptor: DescriptorSpec, spec: RateLimitSpec, full_key: str) -> RateLimitRule:
-    unit: Unit | None = _UNITS_BY_NAME.get(spec.unit.upper())
+class _FileErrors:
+    """The errors found in one file, collected so that one run reports them all."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.found: list[ConfigError] = []
+
+    def add(self, message: str, key: str, line: int) -> None:
+        self.found.append(ConfigError(self.file, message, key=key, line=line))
+
+
+_UNIT_CHOICES = ", ".join(UNIT_NAMES)
+
+
+def _make_rule(
+    errors: _FileErrors, descriptor: DescriptorSpec, spec: RateLimitSpec, full_key: str
+) -> RateLimitRule | None:
+    """The rule of one rate_limit block, or None after adding its errors."""
+    count = len(errors.found)
+    unit_line = spec.lines.of("unit")
+    unit: Unit | None = _UNITS_BY_NAME.get(spec.unit.upper()) if spec.unit is not None else None
     if spec.unlimited:
         if unit is not None:
-            raise ConfigError(file, "should not specify rate limit unit when unlimited", key="unit")
+            errors.add("should not specify rate limit unit when unlimited", "unit", unit_line)
         unit = Unit.UNKNOWN  # Go ignores an unparseable unit on an unlimited rule
+    elif spec.unit is None:
+        errors.add(
+            f"missing rate limit unit for '{full_key}': set key 'unit' to one of {_UNIT_CHOICES} (or unlimited: true)",
+            "unit",
+            spec.lines.line,
+        )
     elif unit is None:
-        raise ConfigError(file, f"invalid rate limit unit '{spec.unit}'", key="unit")
-    for replaced in spec.replaces:
+        errors.add(
+            f"invalid rate limit unit '{spec.unit}' for key 'unit' (valid units: {_UNIT_CHOICES})", "unit", unit_line
+        )
+    for replaced, line in spec.replaces:
         if not replaced:
-            raise ConfigError(file, "should not have an empty replaces entry", key="replaces")
-        if replaced == spec.name:
-            raise ConfigError(
-                file,
-                "replaces should not contain name of same descriptor",
-                key="replaces",
-            )
+            errors.add("should not have an empty replaces entry (key 'replaces')", "replaces", line)
+        elif replaced == spec.name:
+            errors.add("replaces should not contain name of same descriptor (key 'replaces')", "replaces", line)
     algorithm = Algorithm.SLIDING_WINDOW
     if spec.algorithm:
         found = _ALGORITHMS_BY_NAME.get(spec.algorithm.lower())
         if found is None:
-            expected = " or ".join(f"'{name}'" for name in _ALGORITHMS_BY_NAME)
-            raise ConfigError(
-                file,
-                f"invalid rate limit algorithm '{spec.algorithm}' for key 'algorithm' (expected {expected})",
-                key="algorithm",
+            expected = ", ".join(_ALGORITHMS_BY_NAME)
+            errors.add(
+                f"invalid rate limit algorithm '{spec.algorithm}' for key 'algorithm' (valid algorithms: {expected})",
+                "algorithm",
+                spec.lines.of("algorithm"),
             )
-        algorithm = found
+        else:
+            algorithm = found
+    if len(errors.found) > count or unit is None:
+        return None
     return RateLimitRule(
         full_key=full_key,
         requests_per_unit=spec.requests_per_unit,
         unit=unit,
         unlimited=spec.unlimited,
         name=spec.name,
-        replaces=tuple(spec.replaces),
+        replaces=tuple(replaced for replaced, _ in spec.replaces),
         shadow_mode=descriptor.shadow_mode,
         quota_mode=descriptor.quota_mode,
         detailed_metric=descriptor.detailed_metric,

@@ -153,6 +153,17 @@ class RateLimitConfig:
                     yield domain, node.stats_key_parts
                 pending.extend(node.children.values())
 
+    def summary(self) -> str:
+        """What was loaded, for log lines and `validate-config`: "1 domain (svc), 3 rules from 1 file"."""
+
+        def counted(number: int, noun: str) -> str:
+            return f"{number} {noun}{'' if number == 1 else 's'}"
+
+        return (
+            f"{counted(len(self._domains), 'domain')} ({', '.join(self._domains)}), "
+            f"{counted(len(self._rules), 'rule')} from {counted(len(self._files), 'file')}"
+        )
+
     def __repr__(self) -> str:
         return f"RateLimitConfig(domains={list(self._domains)}, rules={len(self._rules)})"
 

@@ -43,6 +43,10 @@ UNIT_SECONDS: Mapping[Unit, int] = MappingProxyType(
 )
 
 
+# The units a config may name, shortest first: for error messages and flag choices.
+UNIT_NAMES: tuple[str, ...] = tuple(unit.name.lower() for unit in sorted(UNIT_SECONDS, key=UNIT_SECONDS.__getitem__))
+
+
 class Algorithm(enum.StrEnum):
     """`rate_limit.algorithm`: this project's additive config key."""
 

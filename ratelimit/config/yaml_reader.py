@@ -46,14 +46,21 @@ class Scalar:
 
 
 class YamlMap(dict):  # type: ignore[type-arg]
-    """A mapping keyed by resolved key values, remembering each key's line."""
+    """A mapping keyed by resolved key values, remembering each key's line.
 
-    __slots__ = ("key_lines", "line")
+    `duplicate_keys` lists (key, line, first line) of every key written twice in this map:
+    YAML forbids it, yet PyYAML (like yaml.v2) keeps the last value without a word, so a
+    second `rate_limit:` would silently replace the first. Keys merged in by `<<` are not
+    duplicates: overriding them is what merging is for.
+    """
+
+    __slots__ = ("duplicate_keys", "key_lines", "line")
 
     def __init__(self, line: int) -> None:
         super().__init__()
         self.line = line
         self.key_lines: dict[Any, int] = {}
+        self.duplicate_keys: list[tuple[Any, int, int]] = []
 
     def describe(self) -> str:
         return "!!map"
@@ -76,7 +83,11 @@ YamlValue = YamlMap | YamlSeq | Scalar | None
 
 
 class YamlReadError(Exception):
-    """The text is not YAML (or not a kind of YAML a config can hold)."""
+    """The text is not YAML (or not a kind of YAML a config can hold); `line` when known."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 def read_yaml(text: str) -> YamlValue:
@@ -88,20 +99,20 @@ def read_yaml(text: str) -> YamlValue:
         root = loader.get_node()
         return _Converter(loader).convert(root)
     except yaml.YAMLError as error:
-        raise YamlReadError(_describe_yaml_error(error)) from error
+        mark = getattr(error, "problem_mark", None)
+        raise YamlReadError(_describe_yaml_error(error), mark.line + 1 if mark is not None else None) from error
     finally:
         loader.dispose()
 
 
 def _describe_yaml_error(error: yaml.YAMLError) -> str:
     # One line, in the shape of yaml.v2's "yaml: line 2: found unexpected end of stream".
+    # The line goes to the error's own field, in front of the message.
     problem = getattr(error, "problem", None)
-    mark = getattr(error, "problem_mark", None)
     if problem is None:
         return f"yaml: {' '.join(str(error).split())}"
-    where = f"line {mark.line + 1}: " if mark is not None else ""
     context = getattr(error, "context", None)
-    return f"yaml: {where}{problem}" + (f" ({context})" if context else "")
+    return f"yaml: {problem}" + (f" ({context})" if context else "")
 
 
 class _Converter:
@@ -118,7 +129,7 @@ class _Converter:
                 return None
             return Scalar(value=value, text=node.value, tag=_short_tag(node.tag), line=line)
         if id(node) in self._active:
-            raise YamlReadError(f"yaml: line {line}: recursive alias")
+            raise YamlReadError("yaml: recursive alias", line)
         self._active.add(id(node))
         try:
             if isinstance(node, yaml.SequenceNode):
@@ -131,16 +142,24 @@ class _Converter:
             self._active.discard(id(node))
 
     def _convert_mapping(self, node: yaml.MappingNode, line: int) -> YamlMap:
+        own_keys = {id(key_node) for key_node, _ in node.value if key_node.tag != _MERGE_TAG}
         self._loader.flatten_mapping(node)  # resolves `<<` merge keys, as yaml.v2 does
         mapping = YamlMap(line)
+        own_lines: dict[Any, int] = {}
         for key_node, value_node in node.value:
             key = self.convert(key_node)
             if isinstance(key, (YamlMap, YamlSeq)):
                 # Not hashable; report it as the Go validator would: a non-string key.
                 raise NonStringKeyError(go_format(key), key_node.start_mark.line + 1)
             key_value = key.value if isinstance(key, Scalar) else None
+            key_line = key_node.start_mark.line + 1
+            if id(key_node) in own_keys:
+                if key_value in own_lines:
+                    mapping.duplicate_keys.append((key_value, key_line, own_lines[key_value]))
+                else:
+                    own_lines[key_value] = key_line
             mapping[key_value] = self.convert(value_node)
-            mapping.key_lines[key_value] = key_node.start_mark.line + 1
+            mapping.key_lines[key_value] = key_line
         return mapping
 
 
@@ -148,8 +167,7 @@ class NonStringKeyError(YamlReadError):
     """A collection used as a mapping key; yaml.v2 accepts it, the Go validator refuses it."""
 
     def __init__(self, shown: str, line: int) -> None:
-        super().__init__(f"config error, key is not of type string: {shown}")
-        self.line = line
+        super().__init__(f"config error, key is not of type string: {shown}", line)
 
 
 def _short_tag(tag: str) -> str:
