@@ -93,3 +93,26 @@ def test_a_running_replica_applies_a_change_within_two_seconds(tmp_path: Path) -
         assert client.should_rate_limit("d", [[("k", "v")]]).statuses[0].requests_per_unit == 7
     assert "config reload failed, keeping the previous config" in replica.log()
     assert "fortnight" in replica.log()
+
+
+def test_a_reload_names_every_bad_file_in_one_line_and_keeps_the_good_config(tmp_path: Path) -> None:
+    limits = tmp_path / "limits"
+    limits.mkdir()
+    first, second = limits / "a.yaml", limits / "b.yaml"
+    first.write_text(LIMIT_3)
+    second.write_text("domain: e\n")
+    with (
+        running_replica(tmp_path, [limits], extra_args=["--config-poll-s", "0.2"]) as replica,
+        RateLimitClient(replica.target) as client,
+    ):
+        touch_later(first, BROKEN)
+        touch_later(second, "domain: e\nbogus: 1\n")
+        deadline = time.monotonic() + 5
+        while "config reload failed" not in replica.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.should_rate_limit("d", [[("k", "v")]]).statuses[0].requests_per_unit == 3
+    refusals = [line for line in replica.log().splitlines() if "config reload failed" in line]
+    assert len(refusals) == 1, refusals
+    assert "keeping the previous config (2 errors): " in refusals[0]
+    assert f"{first}: line 4: invalid rate limit unit 'fortnight' for key 'unit'" in refusals[0]
+    assert f"{second}: line 2: config error, unknown key 'bogus'" in refusals[0]
