@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The compose stack as local processes, for development and tests (run it as scripts/cluster).
 
-    scripts/cluster up [SERVICE...]    start what is not running, wait until all is healthy
+    scripts/cluster up [SERVICE...]    start what is not running, wait until all is healthy;
+                                       named services that run are restarted
     scripts/cluster down [SERVICE...]  stop what `up` started (everything by default)
     scripts/cluster status             each process, its health and its address
 
@@ -312,13 +313,19 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def up(state: State, environ: Mapping[str, str], wanted: Sequence[str], timeout_s: float) -> tuple[PortMap, list[str]]:
+def up(
+    state: State, environ: Mapping[str, str], wanted: Sequence[str], timeout_s: float, *, restart: bool = False
+) -> tuple[PortMap, list[str], list[str]]:
     """Start the wanted services that are not running, then wait until all that run are healthy.
+    With `restart` (services named on the command line), the wanted ones that run are stopped
+    and started again.
 
-    Returns the ports and what was started. A failure stops what this call started.
+    Returns the ports, what was started and what of it was restarted. A failure stops what
+    this call started.
     """
     with state.lock():
         running = [service for service in SERVICES if state.running(service)]
+        restarted = [service for service in SERVICES if restart and service in wanted and service in running]
         recorded = state.recorded_ports()
         if running and recorded:
             # A running cluster keeps its ports: variables set now may only repeat them.
@@ -330,6 +337,9 @@ def up(state: State, environ: Mapping[str, str], wanted: Sequence[str], timeout_
                 f"a cluster already runs from {state.directory} on other ports ({recorded}); "
                 "use the same port variables, or stop it first with scripts/cluster down"
             )
+        if restarted:
+            stop(state, restarted[::-1])
+            running = [service for service in running if service not in restarted]
         to_start = [service for service in SERVICES if service in wanted and service not in running]
         if not running:  # a fresh cluster: no counters or series from an earlier one
             for leftover in ("redis", "prometheus-data"):
@@ -359,7 +369,7 @@ def up(state: State, environ: Mapping[str, str], wanted: Sequence[str], timeout_
             if not running:
                 state.forget_ports()
             raise
-    return ports, to_start
+    return ports, to_start, restarted
 
 
 def down(state: State, services: Sequence[str]) -> list[str]:
@@ -396,13 +406,14 @@ def status(state: State, environ: Mapping[str, str], out: IO[str]) -> bool:
     running = {service: record for service in SERVICES if (record := state.running(service)) is not None}
     results = {check.name: run_probe(check.probe) for check in checks(ports, list(running))}
     where = endpoints(ports)
-    rows = [("SERVICE", "PROCESS", "HEALTH", "ADDRESS")]
+    # Health comes last and whole: a cut detail ("3/3 healthy, but 2 ...") misleads.
+    rows = [("SERVICE", "PROCESS", "ADDRESS", "HEALTH")]
     for service in SERVICES:
         record = running.get(service)
         health = _health_text(*results[service]) if record else "-"
-        rows.append((service, f"pid {record.pid}" if record else "stopped", health, where[service]))
+        rows.append((service, f"pid {record.pid}" if record else "stopped", where[service], health))
     rows += [
-        (name, "", _health_text(*results[name]), "")
+        (name, "", "", _health_text(*results[name]))
         for name in ("prometheus targets", "envoy upstreams")
         if name in results
     ]
@@ -413,7 +424,6 @@ def status(state: State, environ: Mapping[str, str], out: IO[str]) -> bool:
 
 
 def _health_text(ok: bool, detail: str) -> str:
-    detail = detail if len(detail) <= 40 else detail[:37] + "..."
     return f"{'ok' if ok else 'FAILING'}: {detail}"
 
 
@@ -429,7 +439,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         help=f"PID files, logs, rendered configs, data (env {STATE_DIR_VARIABLE}; default .cluster/)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    up_parser = commands.add_parser("up", help="start what is not running; wait until all is healthy")
+    up_parser = commands.add_parser(
+        "up", help="start what is not running (restart the SERVICEs named); wait until all is healthy"
+    )
     up_parser.add_argument("services", nargs="*", metavar="SERVICE", help=f"some of: {' '.join(SERVICES)}")
     up_parser.add_argument("--timeout", type=float, default=UP_TIMEOUT_S, help="seconds to wait for health")
     down_parser = commands.add_parser("down", help="stop what up started")
@@ -442,8 +454,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     state = State(args.state_dir.resolve())
     try:
         if args.command == "up":
-            ports, started = up(state, environ, args.services or SERVICES, args.timeout)
-            print(f"started: {', '.join(started)}" if started else "already running")
+            # Naming services restarts those that run; a bare `up` reuses a running cluster.
+            ports, started, restarted = up(
+                state, environ, args.services or SERVICES, args.timeout, restart=bool(args.services)
+            )
+            fresh = [service for service in started if service not in restarted]
+            if restarted:
+                print(f"restarted: {', '.join(restarted)}")
+            if fresh:
+                print(f"started: {', '.join(fresh)}")
+            if not started:
+                print("already running")
             print(f"local cluster is up and healthy (state in {state.directory}):")
             print_endpoints(ports, sys.stdout)
             return 0

@@ -61,7 +61,7 @@ def prometheus_targets_health(ports: PortMap, running_replicas: Sequence[str]) -
     _, body = http_get(f"http://{ports.address('prometheus', 9090)}/api/v1/targets?state=active")
     targets = [t for t in json.loads(body)["data"]["activeTargets"] if t["labels"].get("job") == "ratelimit"]
     up = {t["labels"].get("replica") for t in targets if t["health"] == "up"}
-    return _matches(up, running_replicas, f"{len(up)}/{len(targets)} ratelimit targets up")
+    return _matches(up, running_replicas, f"{len(up)}/{len(targets)} ratelimit targets up", "up in Prometheus")
 
 
 def envoy_health(ports: PortMap) -> Health:
@@ -79,13 +79,23 @@ def envoy_upstreams_health(ports: PortMap, running_replicas: Sequence[str]) -> H
         if cluster == "ratelimit" and stat.startswith("health_flags::"):
             flags[address] = stat.removeprefix("health_flags::")
     healthy = {replica for replica in REPLICAS if flags.get(ports.address(replica, 8081)) == "healthy"}
-    return _matches(healthy, running_replicas, f"{len(healthy)}/{len(REPLICAS)} replicas healthy in Envoy")
+    summary = f"{len(healthy)}/{len(REPLICAS)} replicas healthy in Envoy"
+    return _matches(healthy, running_replicas, summary, "healthy in Envoy")
 
 
-def _matches(seen: AbstractSet[str | None], running_replicas: Sequence[str], summary: str) -> Health:
+def _matches(seen: AbstractSet[str | None], running_replicas: Sequence[str], summary: str, seen_as: str) -> Health:
+    """Healthy when exactly the running replicas are seen; otherwise the detail names the ones
+    out of step, so that "3/3 healthy" next to a stopped replica reads as what it is: news
+    that has not reached Envoy or Prometheus yet."""
     if seen == set(running_replicas):
         return True, summary
-    return False, f"{summary}, but {len(running_replicas)} running"
+    behind = [f"{replica} runs but is not {seen_as} yet" for replica in running_replicas if replica not in seen]
+    stale = [
+        f"{replica} is stopped but still {seen_as}"
+        for replica in REPLICAS
+        if replica in seen and replica not in running_replicas
+    ]
+    return False, f"{summary}: {'; '.join(behind + stale)}"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ minute, user=bot-* 2 a minute. Every test uses descriptor values of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -196,6 +197,12 @@ def test_a_killed_replica_leaves_the_others_answering_and_rejoins_with_its_count
 
     os.kill(cluster.pid("ratelimit-2"), signal.SIGKILL)
     wait_until(lambda: _process_column(cluster)["ratelimit-2"] == "stopped", 10, "ratelimit-2 to be gone")
+    # Until Envoy's health checks notice, status says so whole, never cut mid-sentence.
+    upstreams = next(line for line in cluster.run("status", check=False).stdout.splitlines() if "upstreams" in line)
+    assert upstreams.split(None, 2)[2] in (
+        "ok: 2/3 replicas healthy in Envoy",
+        "FAILING: 3/3 replicas healthy in Envoy: ratelimit-2 is stopped but still healthy in Envoy",
+    )
     with pytest.raises(grpc.RpcError) as refused:
         clients["ratelimit-2"].should_rate_limit("demo", [[("user", user)]], timeout=1.0)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -228,6 +235,42 @@ def test_a_killed_replica_leaves_the_others_answering_and_rejoins_with_its_count
     assert _ask_user(clients["ratelimit-2"], user) == ("OK", 0)
     assert _ask_user(clients["ratelimit-2"], user)[0] == "OVER_LIMIT"
     assert cluster.run("status").returncode == 0
+
+
+def test_up_naming_a_running_service_restarts_it_and_its_counts_stay(
+    cluster: LocalCluster, clients: dict[str, RateLimitClient]
+) -> None:
+    user = _unique("user")
+    assert _ask_user(clients["ratelimit-2"], user) == ("OK", 4)
+    pids = {service: cluster.pid(service) for service in SERVICES}
+    restarted = cluster.run("up", "ratelimit-2", timeout_s=60)
+    assert restarted.stdout.splitlines()[0] == "restarted: ratelimit-2"
+    assert "already running" not in restarted.stdout
+    assert cluster.pid("ratelimit-2") != pids["ratelimit-2"]
+    assert {s: cluster.pid(s) for s in SERVICES if s != "ratelimit-2"} == {
+        s: pid for s, pid in pids.items() if s != "ratelimit-2"
+    }
+    wait_until_serving(cluster.grpc_target("ratelimit-2"), timeout_s=15)
+    assert _ask_user(clients["ratelimit-2"], user) == ("OK", 3)
+    assert cluster.run("status").returncode == 0
+
+
+def test_loadgen_drives_the_cluster_where_its_variables_moved_it(cluster: LocalCluster, tmp_path: Path) -> None:
+    summary_path = tmp_path / "loadgen.json"
+    done = subprocess.run(
+        [
+            str(SCRIPTS_DIR / "loadgen"), "--rate", "15", "--duration", "2", "--domain", "demo",
+            "--descriptor", f"user={_unique('loadgen')}", "--plot", str(tmp_path / "loadgen.png"),
+            "--json", str(summary_path),
+        ],
+        env=cluster.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(summary_path.read_text())
+    assert [row["target"] for row in summary["replicas"]] == [cluster.grpc_target(r) for r in REPLICAS]
+    assert all(row["sent"] == 10 and row["errors"] == 0 for row in summary["replicas"])
+    assert summary["admitted"] == USER_LIMIT
+    assert "UserWarning" not in done.stderr
 
 
 def test_a_failed_start_stops_what_it_started(tmp_path: Path) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from tests.support.processes import free_port
 from tests.support.replica import PROJECT_ROOT, running_replica
 
 LIMIT = 15
@@ -67,3 +70,28 @@ def test_bench_help_names_its_options() -> None:
     assert done.returncode == 0, done.stderr
     for option in ("--quick", "--profile", "--out-dir", "--concurrency"):
         assert option in done.stdout
+
+
+def test_loadgen_with_nothing_running_fails_at_once_naming_the_targets(tmp_path: Path) -> None:
+    # The default targets, moved by the local cluster's variables to ports where nothing listens.
+    ports = {f"RATELIMIT_{n}_GRPC_PORT": str(free_port()) for n in (1, 2, 3)}
+    plot = tmp_path / "loadgen.png"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / "loadgen"), "--duration", "60", "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **ports},
+    )
+    assert done.returncode == 1
+    assert time.monotonic() - started < 20  # not the 60 s run
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "loadgen: 3 of 3 targets do not serve, nothing sent:",
+        *(f"  127.0.0.1:{port}: UNAVAILABLE" for port in ports.values()),
+        "start the local cluster with scripts/cluster up (its port variables move the targets), "
+        "or name running replicas with --target",
+    ]
+    assert not plot.exists()

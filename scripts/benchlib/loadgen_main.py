@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 import grpc
+from cluster_topology import REPLICAS, PortMap, TopologyError
+from healthcheck import is_serving
 
 from benchlib.phases import percentile
 from benchlib.procs import PROJECT_ROOT, require
@@ -26,7 +29,9 @@ from ratelimit.client import build_request, parse_descriptor, result_from_respon
 from ratelimit.config.model import Unit
 from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2_grpc
 
-DEFAULT_TARGETS = ("127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8083")
+# Without --target: the local cluster's replicas, where its port variables put them.
+DEFAULT_TARGETS_TEXT = "the local cluster's replicas (127.0.0.1:8081, 8082, 8083, or RATELIMIT_{1,2,3}_GRPC_PORT)"
+PREFLIGHT_TIMEOUT_S = 2.0
 # compose/limits: (route=demo, remote_address=<client>) is allowed 60 requests a minute.
 DEFAULT_DOMAIN = "demo"
 DEFAULT_DESCRIPTOR = "route=demo,remote_address=loadgen"
@@ -71,9 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--target",
         action="append",
-        help="host:port of a replica (repeatable or comma-separated; default the local cluster: "
-        + ", ".join(DEFAULT_TARGETS)
-        + ")",
+        help=f"host:port of a replica (repeatable or comma-separated; default {DEFAULT_TARGETS_TEXT})",
     )
     parser.add_argument("--rate", type=float, default=20.0, help="requests per second over all targets (default 20)")
     parser.add_argument(
@@ -107,9 +110,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds")
     if not 1 <= args.max_in_flight <= 100_000 or args.timeout <= 0:
         parser.error("--max-in-flight must be 1..100000 and --timeout positive")
-    args.target = [t.strip() for item in (args.target or DEFAULT_TARGETS) for t in item.split(",") if t.strip()]
+    if args.target:
+        args.target = [t.strip() for item in args.target for t in item.split(",") if t.strip()]
+    else:
+        try:
+            ports = PortMap.from_environment(os.environ)
+        except TopologyError as exc:
+            parser.error(str(exc))
+        args.target = [ports.address(replica, 8081) for replica in REPLICAS]
     args.descriptor = args.descriptor or [parse_descriptor(DEFAULT_DESCRIPTOR)]
     return args
+
+
+def unreachable_targets(targets: Sequence[str]) -> list[str]:
+    """The targets whose health service does not answer SERVING, each with the status it got
+    (UNAVAILABLE: nothing listens; DEADLINE_EXCEEDED: something hangs; NOT_SERVING)."""
+    answers = {target: is_serving(target, service="", timeout_s=PREFLIGHT_TIMEOUT_S) for target in targets}
+    return [f"{target}: {detail.split(':')[0]}" for target, (serving, detail) in answers.items() if not serving]
 
 
 class Progress:
@@ -279,6 +296,18 @@ def print_summary(numbers: dict[str, object]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     require("matplotlib")
+    # Ask first: a run against nothing would take its whole duration to report only failures.
+    down = unreachable_targets(args.target)
+    if down:
+        print(f"loadgen: {len(down)} of {len(args.target)} targets do not serve, nothing sent:", file=sys.stderr)
+        for line in down:
+            print(f"  {line}", file=sys.stderr)
+        print(
+            "start the local cluster with scripts/cluster up (its port variables move the targets), "
+            "or name running replicas with --target",
+            file=sys.stderr,
+        )
+        return 1
     try:
         run = asyncio.run(drive(args))
     except KeyboardInterrupt:

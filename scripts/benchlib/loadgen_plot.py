@@ -64,7 +64,8 @@ def draw(path: Path, run: Run, numbers: dict[str, Any]) -> None:
         window.text(0.5, 0.5, "no limit reported by the service", ha="center", transform=window.transAxes)
         title = "no limit reported"
     window.set_xlabel("seconds since start")
-    window.legend(loc="lower right", fontsize=8)
+    if limit is not None:  # nothing labelled to list otherwise (matplotlib would warn)
+        window.legend(loc="lower right", fontsize=8)
     window.grid(True, alpha=0.3)
     figure.suptitle(
         f"{numbers['sent']} requests to {len(run.targets)} replicas at {numbers['rate']:g}/s: "
