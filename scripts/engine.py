@@ -84,7 +84,7 @@ class Layout:
     run: Path
 
     @classmethod
-    def from_environment(cls) -> "Layout":
+    def from_environment(cls) -> Layout:
         cache = Path(os.environ.get("RATELIMIT_DOCKER_CACHE", "/var/cache/envoy-ratelimit-sidecar"))
         # Short: containerd's unix sockets live under the exec root (108-byte path limit).
         run = Path(os.environ.get("RATELIMIT_DOCKER_RUN", "/run/envoy-ratelimit-sidecar"))
