@@ -277,3 +277,16 @@ def test_a_request_naming_one_counter_twice_charges_and_checks_them_together(mak
         assert check.results[0].used == 4
 
     run(make_backend, scenario)
+
+
+def test_a_check_only_first_mention_keeps_the_later_mentions_hits(make_backend: BackendFactory) -> None:
+    """A fresh counter named twice, first with 0 hits (the in-memory twin once dropped the
+    second mention's hits with the empty counter; the sliding-log oracle found it)."""
+
+    async def scenario(backend: Backend) -> None:
+        first = await backend.evaluate([counter("mention", 5, hits=0), counter("mention", 5, hits=1)])
+        assert first.admitted and [r.used for r in first.results] == [0, 1]
+        check = await backend.evaluate([counter("mention", 5, hits=0)])
+        assert check.results[0].used == 1
+
+    run(make_backend, scenario)

@@ -60,6 +60,9 @@ class MemoryBackend(Backend):
                 buckets[bucket] = buckets.get(bucket, 0) + request.hits
                 self._expiry_ms[request.key] = request.window.leaves_window_at_ms(bucket)
             results.append(CounterResult(over_limit=counter_check.over_limit, used=used, reset_ms=reset))
+        # Only once every mention is charged: a counter named twice shares one dict, and
+        # forgetting it after a check-only first mention would drop the later mention's hits.
+        for request, buckets in zip(requests, counters):
             if not buckets:
                 self._forget(request.key)
         return Decision(admitted=admitted, now_ms=now_ms, results=tuple(results))
