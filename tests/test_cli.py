@@ -238,3 +238,12 @@ def test_check_exits_0_on_ok_1_on_over_limit_2_on_error(tmp_path: Path) -> None:
     assert unreachable.returncode == 2
     assert unreachable.stderr.startswith("ratelimit check: UNAVAILABLE: ")
     assert "Traceback" not in unreachable.stderr
+
+
+def test_an_unknown_redis_url_scheme_lists_every_scheme_there_is() -> None:
+    done = ratelimit("serve", "--config", str(SERVICE_YAML), "--redis-url", "http://redis:6379", "--grpc-port", "0")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "ratelimit: unsupported Redis URL scheme 'http': use redis:// or rediss:// (TLS) or unix:// for one server, "
+        "redis+cluster:// (rediss+cluster://) for a Redis Cluster, redis+sentinel:// (rediss+sentinel://) for Sentinel"
+    ]

@@ -8,6 +8,7 @@ It imports nothing from redis-py, so settings and scripts can use it cheaply.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping
 from urllib.parse import parse_qs, unquote
@@ -51,11 +52,23 @@ class RedisUrl:
         return f"{self.scheme}://{credentials}{location}{self.path}{'?' + query if query else ''}"
 
 
+# Every scheme --redis-url takes, for the one message that lists them.
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel")
+SCHEMES_TEXT = (
+    "redis:// or rediss:// (TLS) or unix:// for one server, redis+cluster:// (rediss+cluster://) for a Redis "
+    "Cluster, redis+sentinel:// (rediss+sentinel://) for Sentinel"
+)
+
+
 def parse_redis_url(url: str) -> RedisUrl:
     """Splits a Redis URL; ValueError with a message that never quotes the user-info."""
     scheme, separator, rest = url.partition("://")
     if not separator or not scheme:
-        raise ValueError("a Redis URL starts with a scheme: redis://, rediss://, unix://, redis+cluster://, ...")
+        raise ValueError(f"a Redis URL starts with a scheme: {SCHEMES_TEXT}")
+    if scheme.lower() not in SCHEMES:
+        # Only a well-formed scheme is quoted: text before a "://" inside a password is not one.
+        shown = f" {scheme.lower()!r}" if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme) else ""
+        raise ValueError(f"unsupported Redis URL scheme{shown}: use {SCHEMES_TEXT}")
     userinfo, at, after = rest.rpartition("@")
     username = password = None
     if at:
