@@ -205,25 +205,40 @@ def test_counter_memory_is_bounded_whatever_the_limit(redis_url: str) -> None:
         while loop.time() < end:
             await backend.evaluate([request])
         client = redis.Redis.from_url(redis_url)
-        assert client.hlen(request.key) <= request.window.span
+        assert client.hlen(request.key) <= 41  # README: at most K + 1 = 41 integers per counter
         assert 0 < client.pttl(request.key) <= 1000 + 25
         client.close()
 
     run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
 
 
-def test_every_key_written_has_a_ttl(redis_url: str) -> None:
-    async def scenario(backend: Backend) -> None:
-        for unit in (Unit.SECOND, Unit.HOUR, Unit.YEAR):
-            for algorithm in Algorithm:
-                await backend.evaluate([counter(f"ttl-{unit.name}", 5, unit=unit, algorithm=algorithm)])
+@pytest.mark.parametrize("unit", [unit for unit in Unit if unit is not Unit.UNKNOWN], ids=lambda unit: unit.name)
+def test_every_key_expires_when_its_last_hit_stops_counting_at_most_w_plus_w_over_40(
+    redis_url: str, unit: Unit
+) -> None:
+    """README: every key carries a TTL of at most W + W/40. Read from Redis (PEXPIRETIME),
+    it is exactly the instant the hit just made stops counting: the end of its bucket plus
+    40 buckets of W/40 (sliding), the end of the epoch-aligned window (fixed)."""
+    window_ms = unit.seconds * 1000
+    requests = [counter(f"ttl-{algorithm.value}", 5, unit=unit, algorithm=algorithm) for algorithm in Algorithm]
 
-    run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    async def scenario(backend: Backend) -> list[int]:
+        return [(await backend.evaluate([request])).now_ms for request in requests]
+
+    decided_at = run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
     client = redis.Redis.from_url(redis_url)
-    keys = client.keys("*")
-    assert len(keys) == 6
-    assert all(client.pttl(key) > 0 for key in keys)
-    client.close()
+    try:
+        assert len(client.keys("*")) == len(requests)
+        for request, now_ms in zip(requests, decided_at):
+            expires_at = client.pexpiretime(request.key)
+            if request.window.span == 1:  # fixed window
+                assert expires_at == (now_ms // window_ms + 1) * window_ms
+            else:
+                bucket_ms = window_ms // 40
+                assert expires_at == (now_ms // bucket_ms + 41) * bucket_ms
+            assert now_ms < expires_at <= now_ms + window_ms + window_ms // 40
+    finally:
+        client.close()
 
 
 def test_an_unreachable_redis_fails_fast_with_a_backend_error() -> None:
@@ -242,14 +257,25 @@ def test_an_unreachable_redis_fails_fast_with_a_backend_error() -> None:
 
 
 def test_concurrent_requests_share_round_trips_and_each_stays_atomic(redis_url: str) -> None:
-    async def scenario(backend: Backend) -> tuple[int, list[bool]]:
-        assert isinstance(backend, RedisBackend)
-        decisions = await asyncio.gather(*(backend.evaluate([counter("batch", 30)]) for _ in range(50)))
-        return backend.round_trips, [d.admitted for d in decisions]
+    """Seen from Redis (INFO): 50 script calls, each one atomic, arrive in at most 3 reads."""
+    admin = redis.Redis.from_url(redis_url)
 
-    round_trips, admitted = run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    async def scenario(backend: Backend) -> tuple[int, int, list[bool]]:
+        await backend.evaluate([counter("warm-up", 30)])  # connected, script loaded
+        admin.config_resetstat()
+        reads_before = admin.info("stats")["total_reads_processed"]
+        decisions = await asyncio.gather(*(backend.evaluate([counter("batch", 30)]) for _ in range(50)))
+        # This INFO's own command is one more read.
+        reads = admin.info("stats")["total_reads_processed"] - reads_before - 1
+        return reads, admin.info("commandstats")["cmdstat_evalsha"]["calls"], [d.admitted for d in decisions]
+
+    try:
+        reads, script_calls, admitted = run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    finally:
+        admin.close()
     assert admitted.count(True) == 30
-    assert round_trips <= 3  # 50 script calls in one or two pipelines (plus none for the script load)
+    assert script_calls == 50
+    assert reads <= 3, f"Redis read the 50 calls in {reads} reads"  # one or two pipelined writes
 
 
 def test_script_cache_flush_is_invisible_to_callers(make_backend: BackendFactory, redis_url: str) -> None:

@@ -30,22 +30,27 @@ REQUEST = build_request("faults", [ENTRIES])
 # for the breaker's probe to open a new connection and reload the script, so the fault,
 # not the machine, makes calls fail; production uses 15 ms.
 REDIS_TIMEOUT_S = 0.2
-# Calls may spend at most this long inside the replica (a bucket bound of its latency
-# histogram); the share that does not is scheduling noise and must stay tiny.
-SERVER_BOUND_S = 1.0
+# Calls may spend at most the Redis timeout inside the replica, plus a scheduling slack of
+# 50 ms on a busy 2-core machine: 0.25 s, a bucket bound of its latency histogram. A replica
+# that waited even twice its timeout would put every call in flight before the breaker opens
+# (about 60 at 300 calls/s) past it.
+SCHEDULING_SLACK_S = 0.05
+SERVER_BOUND_S = REDIS_TIMEOUT_S + SCHEDULING_SLACK_S
 # While the breaker is open, calls must not touch Redis: a tenth of the timeout is ample
-# for most of them even when the machine is busy (a bucket bound of the histogram).
+# even when the machine is busy (a bucket bound of the histogram). 99.6-100% of the calls
+# were measured under it; the rest is scheduling noise.
 FAST_S = 0.02
+FAST_SHARE = 0.98
 COOLDOWN_S = 0.5
 RATE_PER_S = 300
 # Longer than the client deadline: a replica that waited for a frozen Redis instead of
 # timing out would leave calls past their deadline.
 OUTAGE_S = 3.0
 DEADLINE_S = 2.5
-# What the replica may hold more after the fault than before it: allocator pools and
-# buffers grow a few MB under load; a leak per failed call (about a thousand here) or a
+# What the replica may hold more after the fault than before it: 0.2-1.8 MB measured
+# (allocator pools and buffers); a leak of 4 KB per failed call (about a thousand here) or a
 # backlog of unfinished calls would not stay within these.
-RSS_SLACK_KIB = 16 * 1024
+RSS_SLACK_KIB = 4 * 1024
 OPEN_FILES_SLACK = 16
 REACHES_REDIS = ("timeout", "connection", "script", "other")
 
@@ -171,7 +176,7 @@ def test_redis_fault_under_load_is_answered_in_the_failure_mode_and_decisions_re
             first_decision_after_restart_s=first_decision.done_s - restart_at if first_decision else None,
             client_max_ms=max(s.latency_s for s in samples) * 1000,
             client_p50_breaker_open_ms=p50_open * 1000,
-            server_calls_over_1s=all_buckets[math.inf] - all_buckets[SERVER_BOUND_S],
+            server_calls_over_bound=all_buckets[math.inf] - all_buckets[SERVER_BOUND_S],
             server_calls=all_buckets[math.inf],
             server_share_under_20ms_breaker_open=fast_while_open,
             breaker_open_after_s=breaker_open_after,
@@ -188,6 +193,7 @@ def test_redis_fault_under_load_is_answered_in_the_failure_mode_and_decisions_re
     assert {s.code for s in samples if not s.answered} <= ({"UNAVAILABLE"} if mode == "unavailable" else set())
     # Calls did not wait inside the replica much past the Redis timeout (without the timeout,
     # every call of the outage would wait it out).
+    assert SERVER_BOUND_S in all_buckets, "the bound must be a bucket bound of the latency histogram"
     assert all_buckets[SERVER_BOUND_S] >= 0.99 * all_buckets[math.inf], f"{all_buckets}"
     # While Redis could not decide, every answer was the failure mode's.
     assert len(outage) >= RATE_PER_S * OUTAGE_S * 0.5
@@ -195,7 +201,7 @@ def test_redis_fault_under_load_is_answered_in_the_failure_mode_and_decisions_re
     # The breaker opened, answered at once, and let one probe a cool-down through to Redis.
     assert breaker_open_after is not None, "the breaker did not open within 3 s"
     assert open_buckets[math.inf] >= RATE_PER_S * 0.5
-    assert fast_while_open >= 0.75, f"only {fast_while_open:.0%} of calls under 20 ms while the breaker was open"
+    assert fast_while_open >= FAST_SHARE, f"only {fast_while_open:.0%} of calls under 20 ms while the breaker was open"
     assert grown("open", "close", REACHES_REDIS) <= (restart_at - open_from) / COOLDOWN_S + 2
     # Decisions resume within a second of Redis being back, without a replica restart.
     backend_warnings = [line for line in log.splitlines() if "backend failed" in line]
