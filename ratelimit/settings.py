@@ -301,7 +301,7 @@ def add_option(
             if option.choices and default not in option.choices:
                 parser.error(f"{env}={raw!r}: choose from {', '.join(option.choices)}")
     # The built-in default, so --help reads the same whatever the environment holds.
-    kwargs: dict[str, Any] = {"default": default, "help": f"{option.help} [default {_shown(option)}; env {env}]"}
+    kwargs: dict[str, Any] = {"default": default, "help": f"{option.help} [default {shown_default(option)}; env {env}]"}
     if option.repeated:
         kwargs["action"] = _AppendOverDefault
     elif option.parse is _bool:
@@ -313,7 +313,8 @@ def add_option(
     parser.add_argument(option.flag, **kwargs)
 
 
-def _shown(option: Option) -> str:
+def shown_default(option: Option) -> str:
+    """The default as --help and the README show it."""
     if isinstance(option.default, bool):
         return "true" if option.default else "false"
     if option.default in ("", []):
