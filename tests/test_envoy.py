@@ -159,7 +159,10 @@ def test_three_replicas_keep_the_global_limit_when_one_is_killed_mid_test(tmp_pa
     assert before == [200] * 4
     assert answers.count(200) == 10  # one global limit, never 3x, never more after the kill
     assert set(answers) <= {200, 429, 500}
-    assert answers.count(500) <= 3  # only calls in flight to the killed replica
+    # No call is in flight at the kill (they are sequential): only the first call Envoy routes
+    # to the dead replica fails, within the first three (round robin), and ejects it (outlier
+    # detection at the first refused connection). None if a health check got there first.
+    assert answers.count(500) <= 1 and 500 not in after[3:]
     assert settled == [429] * 5
 
 

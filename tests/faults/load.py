@@ -94,6 +94,7 @@ class Load:
         self._channels_per_target = channels_per_target
         self.deadline_s = deadline_s
         self._samples: list[Sample] = []
+        self.started = 0  # calls sent so far: tests wait on this, not on the clock
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._thread_main, name="fault-load", daemon=True)
@@ -190,6 +191,7 @@ class Load:
     async def _call(self, index: int, target: int, stub: rls_pb2_grpc.RateLimitServiceStub) -> None:
         request = self._request_for(index)
         sent_s = time.monotonic()
+        self.started += 1
         try:
             response = await stub.ShouldRateLimit(request, timeout=self.deadline_s)
         except grpc.aio.AioRpcError as exc:

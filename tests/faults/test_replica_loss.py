@@ -81,11 +81,14 @@ def test_sigterm_under_load_turns_health_not_serving_drains_in_flight_calls_and_
             [replica.target], lambda _index: request, rate_per_s=200, max_requests=800, max_duration_s=4.0, deadline_s=8
         )
         with load:
-            time.sleep(1.0)
+            assert load.wait_for(lambda sample: sample.decided, timeout_s=5.0), "no decision before the fault"
             # Hold the calls in Redis for a while: they are in flight when SIGTERM arrives.
             admin.execute_command("CLIENT", "PAUSE", str(int(pause_s * 1000)), "ALL")
             paused_at = time.monotonic()
-            time.sleep(0.3)
+            held_from = load.started
+            # 60 calls out at 200/s: the last 20 are left out of `in_flight` below (they may
+            # not have reached the replica), the 40 before them are held in Redis.
+            assert probes.wait_until(lambda: load.started >= held_from + 60, 2.0) is not None
             sigterm_at = time.monotonic()
             replica.process.send_signal(signal.SIGTERM)
             while replica.process.poll() is None and time.monotonic() - sigterm_at < 15:
@@ -131,8 +134,12 @@ def test_sigterm_under_load_turns_health_not_serving_drains_in_flight_calls_and_
     # Health said NOT_SERVING before the drain was over (Watch streams get the update; new
     # Check calls are refused once the server stops taking calls).
     assert not_serving_at is not None and not_serving_at < drained_at
-    seen_not_serving = [at for at, status in checks if status != "SERVING"]
-    assert [status for at, status in checks if seen_not_serving and at > seen_not_serving[0]].count("SERVING") == 0
+    # Health Check calls, polled during the drain, said NOT_SERVING first (then, once the server
+    # closed, they were refused) and never SERVING again.
+    first_not_serving = next((index for index, (_, status) in enumerate(checks) if status != "SERVING"), None)
+    assert first_not_serving is not None, f"no NOT_SERVING among {len(checks)} health checks"
+    assert checks[first_not_serving][1] == "NOT_SERVING", checks
+    assert [status for _, status in checks[first_not_serving:]].count("SERVING") == 0
     # It waited for the calls, not for the whole grace period (10 s).
     assert drained_at - sigterm_at >= 0.5
     assert exited_at - sigterm_at < 6.0
@@ -169,11 +176,21 @@ def test_sigkill_under_load_loses_no_admitted_hit_and_the_other_replica_answers_
             deadline_s=2.5,
         )
         with load:
-            time.sleep(1.5)
+
+            def survivor_admitted() -> int:
+                return sum(s.target == 1 for s in admitted(load.samples))
+
+            assert probes.wait_until(lambda: survivor_admitted() >= 200, 5.0) is not None
             doomed.process.send_signal(signal.SIGKILL)
             doomed.process.wait(timeout=10)
             killed_at = time.monotonic()
-            time.sleep(1.5)
+
+            def answered_on_after_the_kill() -> bool:
+                after = between(load.samples, killed_at, float("inf"))
+                return sum(s.target == 0 for s in after) >= 60 and sum(s.target == 1 for s in after) >= 150
+
+            assert probes.wait_until(answered_on_after_the_kill, 5.0) is not None
+            load.stop()
         samples = load.samples
         counted = probes.counted_hits(admin, probes.sliding_key("faults", entries, Unit.HOUR))
         survivor_log = survivor.log()
