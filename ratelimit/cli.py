@@ -97,7 +97,7 @@ def run_serve(settings: Settings) -> int:
 def _print_invalid_config(errors: Sequence[ConfigError]) -> None:
     """Every error on a line of its own (`file: line N: message`), under one saying what happened."""
     count = f"{len(errors)} {'error' if len(errors) == 1 else 'errors'}"
-    print(f"ratelimit: invalid limits config, not starting ({count}):", file=sys.stderr)
+    print(f"ratelimit: invalid limits config (--config, RATELIMIT_CONFIG), not starting ({count}):", file=sys.stderr)
     for error in errors:
         print(error, file=sys.stderr)
 

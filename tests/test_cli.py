@@ -80,7 +80,7 @@ def test_serve_reports_every_error_of_every_bad_file_and_does_not_start(tmp_path
     done = ratelimit("serve", "--config", str(tmp_path / "limits"), "--backend", "memory", "--grpc-port", "0")
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "ratelimit: invalid limits config, not starting (2 errors):",
+        "ratelimit: invalid limits config (--config, RATELIMIT_CONFIG), not starting (2 errors):",
         f"{first}: line 2: config error, unknown key 'bogus'",
         f"{second}: line 3: invalid rate limit unit 'fortnight' for key 'unit' (valid units: {UNITS})",
     ]
@@ -89,7 +89,9 @@ def test_serve_reports_every_error_of_every_bad_file_and_does_not_start(tmp_path
 def test_serve_refuses_an_empty_config_folder(tmp_path: Path) -> None:
     done = ratelimit("serve", "--config", str(tmp_path), "--backend", "memory", "--grpc-port", "0")
     assert done.returncode == 2
-    assert f"{tmp_path}: no config files (*.yaml, *.yml) in this folder" in done.stderr.splitlines()
+    assert (
+        f"{tmp_path}: no config files (*.yaml, *.yml) in this folder, so it holds no domain" in done.stderr.splitlines()
+    )
     assert "Traceback" not in done.stderr
 
 
@@ -201,7 +203,7 @@ def test_validate_config_prints_every_error_with_file_line_and_key(tmp_path: Pat
         f"{web}: line 4: invalid rate limit unit 'fortnight' for key 'unit' (valid units: {UNITS})",
         f"{web}: line 5: duplicate descriptor composite key 'web.path'",
         f"{web}: line 6: config error, unknown key 'ratelimit'",
-        f"{empty}: no config files (*.yaml, *.yml) in this folder",
+        f"{empty}: no config files (*.yaml, *.yml) in this folder, so it holds no domain",
     ]
 
 

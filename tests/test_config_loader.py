@@ -554,7 +554,7 @@ def test_an_empty_folder_is_an_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a config")
     with pytest.raises(InvalidConfig) as raised:
         load_config([tmp_path])
-    assert str(raised.value) == f"{tmp_path}: no config files (*.yaml, *.yml) in this folder"
+    assert str(raised.value) == f"{tmp_path}: no config files (*.yaml, *.yml) in this folder, so it holds no domain"
 
 
 def test_no_paths_at_all_is_an_error() -> None:

@@ -86,7 +86,9 @@ def check_config(
             continue
         if not found:
             suffixes = ", ".join(f"*{suffix}" for suffix in CONFIG_SUFFIXES)
-            errors.append(ConfigError(os.fspath(path), f"no config files ({suffixes}) in this folder"))
+            errors.append(
+                ConfigError(os.fspath(path), f"no config files ({suffixes}) in this folder, so it holds no domain")
+            )
         for file in found:
             order.setdefault(file, len(order))
         files.extend(found)
