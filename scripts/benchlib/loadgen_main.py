@@ -1,6 +1,8 @@
 """`scripts/loadgen`: drive running replicas at a fixed rate and show the shared limit hold.
 
-Requests go round-robin over the targets at `--rate` per second for `--duration` seconds
+The targets (by default the local cluster's replicas, where its port variables put them) are
+asked for their health first; if one does not serve, nothing is sent. Requests then go
+round-robin over the targets at `--rate` per second for `--duration` seconds
 (open loop: a slow replica does not slow the sender; at most `--max-in-flight` calls
 wait at once, beyond that a due call is skipped and counted). At the end it prints each
 replica's admitted and denied counts and latencies, the most requests admitted in any
