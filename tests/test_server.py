@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 import pytest
@@ -20,6 +21,12 @@ from tests.faults import probes
 from tests.support.replica import PROJECT_ROOT, running_replica
 
 SERVICE_YAML = Path(__file__).parent / "data" / "service.yaml"
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_says(target: str, service: str, status: int) -> Callable[[], bool]:
+    """A condition to wait on: the health service reports `status` for `service`."""
+    return lambda: probes.health(target, service) == status
 
 
 def test_check_command_prints_ok_ok_ok_over_limit(tmp_path: Path, redis_url: str) -> None:
@@ -125,12 +132,26 @@ def test_metrics_exporter_serves_rule_counters(tmp_path: Path) -> None:
     assert "ratelimit_config_load_success_total 1.0" in body
 
 
+def held_script_call(admin: Any) -> tuple[bool, int]:
+    """Whether Redis (under CLIENT PAUSE WRITE) holds a connection on a script call, and the
+    bytes of the calls queued behind it in that connection's query buffer."""
+    for client in admin.client_list():
+        if "b" in client["flags"] and client["cmd"] == "evalsha":
+            return True, int(client["qbuf"])
+    return False, 0
+
+
 def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path, redis_url: str) -> None:
     """Calls held in flight by a paused Redis still complete after SIGTERM."""
     import redis
 
+    callers = 8
+    # Unbatched: each call is written to Redis at once, so Redis can show all of them held.
     with running_replica(
-        tmp_path, [SERVICE_YAML], redis_url=redis_url, extra_args=["--redis-timeout-ms", "5000"]
+        tmp_path,
+        [SERVICE_YAML],
+        redis_url=redis_url,
+        extra_args=["--redis-timeout-ms", "5000", "--redis-batching", "false"],
     ) as replica:
         results: list[str] = []
         failures: list[str] = []
@@ -143,12 +164,21 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path, redis_ur
                     failures.append(f"{exc.code().name}: {exc.details()}")
 
         caller("warm-up")  # the script is loaded and a connection is open
-        admin = redis.Redis.from_url(redis_url)
-        admin.execute_command("CLIENT", "PAUSE", "1500", "ALL")
-        threads = [threading.Thread(target=caller, args=(f"c{i}",)) for i in range(8)]
-        for thread in threads:
+        admin = redis.Redis.from_url(redis_url, decode_responses=True)
+        admin.execute_command("CLIENT", "PAUSE", "2000", "WRITE")  # scripts wait; CLIENT LIST answers
+        threads = [threading.Thread(target=caller, args=(f"c{i}",)) for i in range(callers)]
+        # One call held, then one queued behind it: its size in the query buffer (every call
+        # here is as long: a key is a fixed-size digest). Then all of them.
+        threads[0].start()
+        assert probes.wait_until(lambda: held_script_call(admin)[0], 1.0) is not None, admin.client_list()
+        threads[1].start()
+        assert probes.wait_until(lambda: held_script_call(admin)[1] > 0, 1.0) is not None, admin.client_list()
+        call_bytes = held_script_call(admin)[1]
+        for thread in threads[2:]:
             thread.start()
-        time.sleep(0.5)  # every call is now waiting on Redis inside the server
+        # Every call is now waiting on Redis inside the server.
+        all_held = probes.wait_until(lambda: held_script_call(admin)[1] == (callers - 1) * call_bytes, 1.0)
+        assert all_held is not None, admin.client_list()
         started = time.monotonic()
         exit_code = replica.terminate()
         for thread in threads:
@@ -156,8 +186,8 @@ def test_sigterm_drains_in_flight_calls_then_exits_zero(tmp_path: Path, redis_ur
         admin.close()
     assert exit_code == 0
     assert failures == []
-    assert results == ["OK"] * 9
-    assert time.monotonic() - started >= 0.5  # it waited for the calls, not cut them
+    assert results == ["OK"] * (callers + 1)
+    assert time.monotonic() - started >= 0.2  # it waited for the calls, not cut them
     assert "draining in-flight calls" in replica.log()
     assert "Traceback" not in replica.log()
 
@@ -175,8 +205,7 @@ def test_sigterm_with_a_shutdown_delay_answers_calls_while_health_says_not_servi
         assert probes.health(replica.target, "") == health_pb2.HealthCheckResponse.SERVING
         sigterm_at = time.monotonic()
         replica.process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
-        assert probes.health(replica.target, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert probes.wait_until(health_says(replica.target, "", NOT_SERVING), 1.0) is not None
         answered = []
         while time.monotonic() - sigterm_at < delay_s - 0.3:  # load balancers still send calls
             answered.append(client.should_rate_limit("svc", [[("roomy", "late")]]).overall_code)
@@ -196,9 +225,10 @@ def test_sigint_or_a_second_sigterm_skips_the_shutdown_delay(
         tmp_path, [SERVICE_YAML], redis_url=redis_url, extra_args=["--shutdown-delay-s", "60"]
     ) as replica:
         started = time.monotonic()
-        for signum in signals:
+        for number, signum in enumerate(signals):
+            if number:  # the first signal was handled (health says so) before the next is sent
+                assert probes.wait_until(health_says(replica.target, "", NOT_SERVING), 2.0) is not None
             replica.process.send_signal(signum)
-            time.sleep(0.3)
         exit_code = replica.process.wait(timeout=15)
     assert exit_code == 0
     assert time.monotonic() - started < 5
@@ -268,10 +298,18 @@ def test_workers_share_the_port_and_metrics_report_their_sum(tmp_path: Path, red
                 for _ in range(5):
                     assert client.should_rate_limit("svc", [[("roomy", f"w{channel_number}")]]).overall_code == "OK"
                     calls += 1
-        time.sleep(0.2)
-        body = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
-        total = re.search(r'ratelimit_service_rate_limit_total_hits\{domain="svc",key1="roomy",key2=""\} (\S+)', body)
-        assert total is not None and float(total.group(1)) == calls
+        pattern = r'ratelimit_service_rate_limit_total_hits\{domain="svc",key1="roomy",key2=""\} (\S+)'
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{replica.metrics_port}/metrics"
+            return str(urllib.request.urlopen(url, timeout=5).read().decode())
+
+        def summed() -> bool:  # the workers publish their counts for the sum a moment later
+            total = re.search(pattern, scrape())
+            return total is not None and float(total.group(1)) == calls
+
+        assert probes.wait_until(summed, 2.0) is not None, scrape()
+        body = scrape()
         served = re.findall(r'ratelimit_rpc_duration_seconds_count\{code="OK"\} (\S+)', body)
         assert sum(float(v) for v in served) == calls
         exit_code = replica.terminate()
@@ -298,13 +336,12 @@ def test_health_reports_backend_and_config_state_without_failing_the_rls_service
         with RateLimitClient(replica.target) as client:
             for _ in range(6):  # enough consecutive failures to open the breaker
                 assert client.should_rate_limit("svc", [[("user", "h")]]).overall_code == "OK"
-        time.sleep(0.5)
-        assert status("ratelimit.Backend") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert probes.wait_until(health_says(replica.target, "ratelimit.Backend", NOT_SERVING), 2.0) is not None
         assert status("envoy.service.ratelimit.v3.RateLimitService") == health_pb2.HealthCheckResponse.SERVING
         assert status("ratelimit.Config") == health_pb2.HealthCheckResponse.SERVING
         limits.write_text("domain: svc\ndescriptors: [{key: k, ratelimit: {}}]\n")
-        time.sleep(1.0)
-        assert status("ratelimit.Config") == health_pb2.HealthCheckResponse.NOT_SERVING
+        # The files are polled every 0.2 s.
+        assert probes.wait_until(health_says(replica.target, "ratelimit.Config", NOT_SERVING), 3.0) is not None
         body = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
     assert "ratelimit_backend_circuit_open 1.0" in body
     assert 'ratelimit_backend_errors_total{kind="circuit_open"}' in body
