@@ -41,6 +41,14 @@ def with_client(request: pytest.FixtureRequest) -> ClientRunner:
     return runner
 
 
+async def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    """Polls `condition` on the running loop (so the client's callbacks run meanwhile)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not true after {timeout_s} s"
+        await asyncio.sleep(0.005)
+
+
 def local(server: RedisServer, **fields: Any) -> Endpoint:
     return Endpoint(host="127.0.0.1", port=server.port, **fields)
 
@@ -85,15 +93,25 @@ def test_calls_beyond_two_writes_in_flight_leave_together_and_replies_keep_order
     with_client: ClientRunner, redis_server: RedisServer, redis_url: str
 ) -> None:
 
-    async def scenario(client: PipelinedRedis) -> tuple[list[Any], int]:
-        await client.execute("PING")  # connected
-        before = client.round_trips
-        replies = await asyncio.gather(*(client.execute("INCR", "ordered") for _ in range(200)))
-        return replies, client.round_trips - before
+    admin = redis.Redis(port=redis_server.port)
 
-    replies, writes = with_client(local(redis_server), scenario)
+    def reads_by_redis() -> int:
+        return int(admin.info("stats")["total_reads_processed"])
+
+    async def scenario(client: PipelinedRedis) -> tuple[list[Any], int, int]:
+        await client.execute("PING")  # connected
+        before, reads_before = client.round_trips, reads_by_redis()
+        replies = await asyncio.gather(*(client.execute("INCR", "ordered") for _ in range(200)))
+        # Seen from Redis too: the second INFO is one read of its own.
+        return replies, client.round_trips - before, reads_by_redis() - reads_before - 1
+
+    try:
+        replies, writes, reads = with_client(local(redis_server), scenario)
+    finally:
+        admin.close()
     assert replies == list(range(1, 201))
     assert writes == 3  # two out at once, then the other 198 of the turn in one write
+    assert 1 <= reads <= writes
 
 
 def test_without_batching_each_command_is_its_own_write(
@@ -142,7 +160,8 @@ def test_a_connection_redis_closed_is_replaced_on_the_next_call(
     async def scenario(client: PipelinedRedis) -> Any:
         await client.execute("CLIENT", "SETNAME", "doomed")
         redis.Redis(port=redis_server.port).client_kill_filter(_type="normal", skipme=True)
-        await asyncio.sleep(0.2)  # the close reaches the client while it is idle
+        # The close reaches the client while it is idle: it lets go of the connection.
+        await wait_until(lambda: client._connection is None, timeout_s=2.0)
         return await client.execute("CLIENT", "GETNAME")
 
     assert with_client(local(redis_server), scenario) is None  # a new, unnamed connection
