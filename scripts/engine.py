@@ -177,10 +177,11 @@ def ensure_host_packages() -> None:
         raise NotPossibleHere(f"the Debian packages {' '.join(missing)} could not be installed: {exc}") from None
 
 
-def start_engine(layout: Layout) -> str:
+def start_engine(layout: Layout) -> tuple[str, bool]:
+    """The kit's engine address, and whether it was started now (else it was running)."""
     docker_host = f"unix://{layout.socket}"
     if kit_engine_pid(layout) is not None and pings(docker_host):
-        return docker_host
+        return docker_host, False
     if os.geteuid() != 0:
         raise NotPossibleHere("starting a Docker engine needs root (or set DOCKER_HOST to a running engine)")
     ensure_host_packages()
@@ -209,7 +210,7 @@ def start_engine(layout: Layout) -> str:
             raise RuntimeError(f"dockerd exited ({daemon.returncode}): {layout.log.read_text()[-2000:]}")
         if pings(docker_host):
             say(f"engine up in {time.monotonic() - started:.1f} s at {docker_host}")
-            return docker_host
+            return docker_host, True
         time.sleep(0.2)
     daemon.terminate()
     raise RuntimeError(f"dockerd did not answer within {ENGINE_START_S:.0f} s: {layout.log.read_text()[-2000:]}")
@@ -440,14 +441,18 @@ def exports(variables: dict[str, str]) -> str:
 
 
 def engine_environment(layout: Layout) -> dict[str, str]:
+    """DOCKER_HOST and DOCKER_CONFIG; RATELIMIT_ENGINE_STARTED=1 when the engine was started
+    now, so that whoever asked knows to stop it (scripts/test does, at its exit)."""
     named = os.environ.get("DOCKER_HOST", "")
+    started = False
     if named:
         if not pings(named):
             raise RuntimeError(f"DOCKER_HOST={named} names no engine that answers")
         docker_host = named
     else:
-        docker_host = start_engine(layout)
-    return {"DOCKER_HOST": docker_host, "DOCKER_CONFIG": str(compose_plugin_config(layout))}
+        docker_host, started = start_engine(layout)
+    environment = {"DOCKER_HOST": docker_host, "DOCKER_CONFIG": str(compose_plugin_config(layout))}
+    return environment | ({"RATELIMIT_ENGINE_STARTED": "1"} if started else {})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
