@@ -33,7 +33,7 @@ class Node:
     def restart(self) -> None:
         self.kill()
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port)
+        wait_for_port(self.port, process=self.process)
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2)
@@ -43,7 +43,7 @@ def _start(binary: str, args: list[str], port: int, directory: Path) -> Node:
     command = [binary, *args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=directory)
     node = Node(port, process, directory, command)
-    wait_for_port(port)
+    wait_for_port(port, process=process)  # this node, not whatever else may hold the port
     return node
 
 

@@ -41,9 +41,11 @@ class ReplicaProcess:
         return self.process.wait(timeout=timeout_s)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        """SIGKILL to the replica and every process it started (its --workers), then reap it.
+        The replica leads its own process group, so the workers go even when it is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
 
 
 def wait_until_serving(
@@ -108,6 +110,7 @@ def running_replica(
             stderr=subprocess.STDOUT,
             cwd=PROJECT_ROOT,
             env={**os.environ, **(env or {})},
+            start_new_session=True,  # a process group of its own: kill() stops its workers too
         )
     replica = ReplicaProcess(grpc_port, metrics_port, process, log_path, args)
     try:
