@@ -22,7 +22,7 @@ from types import FrameType
 
 from prometheus_client import CollectorRegistry, multiprocess
 
-from ratelimit.metrics import MetricsExporter
+from ratelimit.app import open_metrics_exporter
 from ratelimit.settings import Settings, settings_to_environment
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def run_workers(settings: Settings) -> int:
         if settings.metrics_port:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=metrics_dir)
-            exporter = MetricsExporter(registry, settings.metrics_host, settings.metrics_port)
+            exporter = open_metrics_exporter(registry, settings)
         for _ in range(settings.workers):
             workers.append(subprocess.Popen([sys.executable, "-m", "ratelimit", "serve"], env=environment))
         log.info("started %d workers on %s:%d", len(workers), settings.grpc_host, settings.grpc_port)

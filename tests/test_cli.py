@@ -53,10 +53,11 @@ def listening_port() -> Iterator[int]:
 # --- serve: start-up ---------------------------------------------------------------------
 
 
-def test_a_taken_metrics_port_is_one_clear_line_naming_port_and_flag(listening_port: int) -> None:
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one process", "workers"])
+def test_a_taken_metrics_port_is_one_clear_line_naming_port_and_flag(listening_port: int, workers: list[str]) -> None:
     done = ratelimit(
         "serve", "--config", str(SERVICE_YAML), "--backend", "memory", "--grpc-port", "0",
-        "--metrics-port", str(listening_port),
+        "--metrics-port", str(listening_port), *workers,
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
