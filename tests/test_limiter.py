@@ -316,3 +316,21 @@ def test_a_check_only_first_mention_keeps_the_later_mentions_hits(make_backend: 
         assert check.results[0].used == 1
 
     run(make_backend, scenario)
+
+
+def test_a_check_only_request_writes_nothing_to_redis(redis_url: str) -> None:
+    """hits 0 asks without charging: no key appears for it (SCAN)."""
+    used = counter("peek-used", 5, unit=Unit.HOUR)
+
+    async def scenario(backend: Backend) -> None:
+        await backend.evaluate([used])
+        await backend.evaluate([counter("peek-fresh", 5, hits=0)])
+        await backend.evaluate([counter("peek-used", 5, unit=Unit.HOUR, hits=0)])
+
+    run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        assert [key.decode() for key in admin.scan_iter()] == [used.key]
+        assert sum(int(hits) for hits in admin.hgetall(used.key).values()) == 1
+    finally:
+        admin.close()

@@ -54,10 +54,12 @@ def hits_for(rng: random.Random, limit: int) -> int:
 
 
 def plan(rng: random.Random, counters: list[Ask]) -> list[Ask]:
-    """One request: 1-3 counters, sometimes one counter twice (duplicates, shared thresholds)."""
+    """One request: 1-3 counters, sometimes one counter two or three times (duplicates, shared
+    thresholds): each mention's hits add to the earlier ones'."""
     chosen = rng.sample(counters, rng.randint(1, min(3, len(counters))))
-    if rng.random() < 0.25:
-        chosen.insert(rng.randrange(len(chosen) + 1), rng.choice(chosen))
+    for chance in (0.25, 0.1):
+        if rng.random() < chance:
+            chosen.insert(rng.randrange(len(chosen) + 1), rng.choice(chosen))
     return [_with_hits(ask, hits_for(rng, ask.limit)) for ask in chosen]
 
 

@@ -51,13 +51,11 @@ class OverLimitCache(WrappingBackend):
         # the first key of a plain dict again and again rescans its dead slots (quadratic).
         self._full_until: collections.OrderedDict[CacheKey, float] = collections.OrderedDict()
         self._store_offset_ms = 0  # store clock minus local wall clock, for Decision.now_ms
-        self.hits = 0
 
     async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
         sent_at = self._clock_s()
         cached = self._answer_from_cache(requests, sent_at)
         if cached is not None:
-            self.hits += 1
             return cached
         decision = await self._inner.evaluate(requests)
         self._store_offset_ms = decision.now_ms - time.time_ns() // 1_000_000
