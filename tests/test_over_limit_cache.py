@@ -245,3 +245,92 @@ def test_the_cache_in_front_of_redis_keeps_the_promise(redis_url: str) -> None:
         asyncio.run(scenario())
     finally:
         admin.close()
+
+
+def full_counter_in(cache: OverLimitCache, name: str) -> CounterRequest:
+    """A counter with limit 1, filled and then refused once: the cache knows it is full."""
+    request = counter(name, 1)
+    asyncio.run(cache.evaluate([request]))
+    assert not asyncio.run(cache.evaluate([request])).admitted
+    return request
+
+
+def asks_the_store(store: CountingBackend, cache: OverLimitCache, request: list[CounterRequest]) -> bool:
+    before = store.calls
+    asyncio.run(cache.evaluate(request))
+    return store.calls > before
+
+
+def test_a_request_of_several_counters_all_known_full_is_answered_locally() -> None:
+    _clock, store, cache = cached_pair()
+    first, second = full_counter_in(cache, "first"), full_counter_in(cache, "second")
+    assert not asks_the_store(store, cache, [first, second])
+
+
+def test_when_full_the_oldest_entry_goes_and_one_entry_is_enough() -> None:
+    clock, store, _ = cached_pair()
+    cache = OverLimitCache(store, max_entries=1, clock_s=clock.seconds)
+    old = full_counter_in(cache, "old")
+    new = full_counter_in(cache, "new")
+    assert len(cache) == 1
+    assert not asks_the_store(store, cache, [new])
+    assert asks_the_store(store, cache, [old])
+
+
+def test_a_counter_refused_again_is_the_newest_entry() -> None:
+    """Refused by the store once more (here beside a counter the cache does not know), a known
+    counter moves to the end of the eviction order: the entry evicted next is another one."""
+    clock, store, _ = cached_pair()
+    cache = OverLimitCache(store, max_entries=2, clock_s=clock.seconds)
+    a, b = full_counter_in(cache, "a"), full_counter_in(cache, "b")
+    assert asks_the_store(store, cache, [a, counter("roomy", 100)])  # refused because of a
+    full_counter_in(cache, "c")  # evicts the oldest: b
+    assert not asks_the_store(store, cache, [a])
+    assert asks_the_store(store, cache, [b])
+
+
+def test_an_expired_entry_is_dropped_when_met() -> None:
+    clock, _store, cache = cached_pair()
+    full = full_counter_in(cache, "expires")
+    assert len(cache) == 1
+    clock.now_ms += 60_000 + 60_000 // 40  # every hit has left the window
+    assert asyncio.run(cache.evaluate([full])).admitted
+    assert len(cache) == 0
+
+
+def test_a_cached_reset_is_exact_to_the_last_millisecond() -> None:
+    clock, store, cache = cached_pair()
+    full = full_counter_in(cache, "last-ms")
+    reset_ms = asyncio.run(store.evaluate([full])).results[0].reset_ms
+    clock.now_ms += reset_ms - 1
+    local = asyncio.run(cache.evaluate([full]))
+    assert not local.admitted and local.results[0].reset_ms == 1
+    assert asyncio.run(store.evaluate([full])).results[0].reset_ms == 1  # what the store says too
+
+
+def test_a_cached_answer_carries_the_store_clock(redis_url: str) -> None:
+    """Decision.now_ms is Redis's TIME, for a locally answered request too."""
+    admin = redis.Redis.from_url(redis_url)
+
+    def redis_ms() -> int:
+        seconds, microseconds = admin.time()
+        return int(seconds) * 1000 + int(microseconds) // 1000
+
+    async def scenario() -> None:
+        cache = OverLimitCache(RedisBackend(redis_url, timeout_s=1.0))
+        try:
+            request = counter("clock", 1)
+            await cache.evaluate([request])
+            await cache.evaluate([request])  # refused by Redis: now known full
+            before = redis_ms()
+            local = await cache.evaluate([request])
+            after = redis_ms()
+            # Redis and this process read one machine's clock: equal up to rounding.
+            assert before - 2 <= local.now_ms <= after + 2
+        finally:
+            await cache.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()
