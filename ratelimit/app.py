@@ -25,6 +25,7 @@ from ratelimit.server import RateLimitServer
 from ratelimit.service import RateLimitService, ServiceOptions
 from ratelimit.settings import Settings
 from ratelimit.tls import TlsFiles
+from ratelimit.tracing import open_tracing
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,8 @@ class Replica:
             OverLimitCache(store, max_entries=settings.over_limit_cache_entries) if settings.over_limit_cache else store
         )
         self.service = RateLimitService(self.config.current, self.backend, self.metrics, service_options(settings))
+        # None unless --otlp-endpoint is set; a missing tracing extra is a ValueError for the CLI.
+        self.tracing = open_tracing(settings.otlp_endpoint, settings.trace_sampling_ratio)
         self.server = RateLimitServer(
             self.service,
             self.metrics,
@@ -121,6 +124,7 @@ class Replica:
             reuse_port=settings.reuse_port,
             tls=tls_files(settings),
             caps=settings.request_caps(),
+            tracing=self.tracing,
         )
         self.exporter: MetricsExporter | None = None
         self._background: list[asyncio.Task[None]] = []
@@ -142,12 +146,13 @@ class Replica:
             self._background.append(asyncio.create_task(self.config.watch(self.settings.config_poll_s)))
         self._background.append(asyncio.create_task(self._report_state()))
         log.info(
-            "serving RateLimitService on %s:%d (backend %s%s), metrics on %s; limits: %s",
+            "serving RateLimitService on %s:%d (backend %s%s), metrics on %s, tracing %s; limits: %s",
             self.settings.grpc_host,
             self.server.port,
             self.settings.backend,
             f" {self.settings.redacted_redis_url()}" if self.settings.backend == "redis" else "",
             f"{self.settings.metrics_host}:{self.exporter.port}" if self.exporter else "off",
+            f"to {self.tracing.describe()}" if self.tracing else "off",
             self.config.current().summary(),
         )
 
@@ -173,6 +178,8 @@ class Replica:
         await self.backend.close()
         if self.exporter is not None:
             self.exporter.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # the spans of the drained calls, within a bound
         log.info("stopped")
 
     async def run(self) -> None:

@@ -15,6 +15,7 @@ from ratelimit import __version__
 from ratelimit.client import parse_descriptor
 from ratelimit.config import ConfigError, InvalidConfig, check_config
 from ratelimit.settings import HelpFormatter, Settings, add_option, add_serve_arguments, option, settings_from_args
+from ratelimit.tracing import check_tracing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,11 @@ def run_serve(settings: Settings) -> int:
         if errors:
             _print_invalid_config(errors)
             return 2
+        try:
+            check_tracing(settings.otlp_endpoint)  # likewise: one line, not one per worker
+        except ValueError as exc:
+            print(f"ratelimit: {exc}", file=sys.stderr)
+            return 1
         from ratelimit.workers import run_workers
 
         try:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -32,6 +32,9 @@ from ratelimit.service import (
     RateLimitService,
 )
 from ratelimit.tls import CertificateState, TlsFiles, server_credentials
+
+if TYPE_CHECKING:
+    from ratelimit.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +95,17 @@ class RateLimitServicer:
     """ShouldRateLimit, taking the request's raw bytes: a message that does not parse is the
     client's error (INVALID_ARGUMENT), not a failure logged with a traceback by gRPC."""
 
-    def __init__(self, service: RateLimitService, metrics: Metrics, caps: RequestCaps = DEFAULT_CAPS) -> None:
+    def __init__(
+        self,
+        service: RateLimitService,
+        metrics: Metrics,
+        caps: RequestCaps = DEFAULT_CAPS,
+        tracing: Tracing | None = None,
+    ) -> None:
         self._service = service
         self._metrics = metrics
         self._caps = caps
+        self._tracing = tracing  # None: tracing off, and the calls below skip it at one check each
         self._in_flight = 0
         self._refusing = False
         self._drained: asyncio.Future[None] | None = None  # only while a drain waits
@@ -130,6 +140,7 @@ class RateLimitServicer:
             return rls_pb2.RateLimitResponse()
         started = time.perf_counter()
         outcome = "error"
+        span = None if self._tracing is None else self._tracing.start(context.invocation_metadata())
         self._in_flight += 1
         try:
             try:
@@ -138,7 +149,9 @@ class RateLimitServicer:
                 raise InvalidRequest("the request is not a valid envoy.service.ratelimit.v3.RateLimitRequest") from exc
             descriptors = descriptors_from_proto(request)
             check_request(request.domain, descriptors, self._caps)
-            decision = await self._service.should_rate_limit(request.domain, descriptors, request.hits_addend)
+            if span is not None:
+                span.request(request.domain, len(descriptors))
+            decision = await self._service.should_rate_limit(request.domain, descriptors, request.hits_addend, span)
             outcome = decision.overall_code.name
             return decision_to_proto(decision)
         except InvalidRequest as exc:
@@ -153,6 +166,8 @@ class RateLimitServicer:
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in the rate limit service")
         finally:
             self._metrics.rpc_duration.labels(outcome).observe(time.perf_counter() - started)
+            if span is not None:
+                span.end(outcome)
             self._in_flight -= 1
             if not self._in_flight and self._drained is not None and not self._drained.done():
                 self._drained.set_result(None)
@@ -176,6 +191,7 @@ class RateLimitServer:
         reuse_port: bool = False,
         tls: TlsFiles | None = None,
         caps: RequestCaps = DEFAULT_CAPS,
+        tracing: Tracing | None = None,
     ) -> None:
         self._server = grpc.aio.server(
             options=[
@@ -184,7 +200,7 @@ class RateLimitServer:
                 ("grpc.so_reuseport", 1 if reuse_port else 0),
             ]
         )
-        self._servicer = RateLimitServicer(service, metrics, caps)
+        self._servicer = RateLimitServicer(service, metrics, caps, tracing)
         self._server.add_generic_rpc_handlers((self._servicer.handler(),))
         self.health = DrainingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

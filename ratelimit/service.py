@@ -51,6 +51,12 @@ class BackendUnavailable(Exception):
     """The backend failed and the failure mode is UNAVAILABLE."""
 
 
+class BackendObserver(Protocol):
+    """Told of each request's backend call (the tracing span, when tracing is on)."""
+
+    def backend_call(self, seconds: float, error_kind: str | None) -> None: ...
+
+
 class ConfigLookup(Protocol):
     def has_domain(self, domain: str) -> bool: ...
 
@@ -129,7 +135,11 @@ class RateLimitService:
         self._suppressed_errors = 0
 
     async def should_rate_limit(
-        self, domain: str, descriptors: Sequence[DescriptorRequest], hits_addend: int = 0
+        self,
+        domain: str,
+        descriptors: Sequence[DescriptorRequest],
+        hits_addend: int = 0,
+        observer: BackendObserver | None = None,
     ) -> RateLimitDecision:
         # The request was checked at the edge (ratelimit.guards): bounded and well formed.
         config = self._config()  # one snapshot for the whole request, even across a reload
@@ -152,7 +162,7 @@ class RateLimitService:
         if not checked:
             return RateLimitDecision(Code.OK, tuple(statuses))
 
-        decision = await self._evaluate(checked)
+        decision = await self._evaluate(checked, observer)
         if decision is None:
             return self._failure_answer(checked, statuses)
         for item, result in zip(checked, decision.results):
@@ -192,17 +202,24 @@ class RateLimitService:
         )
         return _Checked(position, rule, RuleLabels.from_stats_key_parts(domain, parts), request)
 
-    async def _evaluate(self, checked: Sequence[_Checked]) -> Decision | None:
+    async def _evaluate(self, checked: Sequence[_Checked], observer: BackendObserver | None) -> Decision | None:
         # backend_duration is observed by the Redis backend: only real round trips count.
+        # The observer times what this request waited for, cache and breaker included.
+        started = time.perf_counter() if observer is not None else 0.0
         try:
-            return await self._backend.evaluate([item.request for item in checked])
+            decision = await self._backend.evaluate([item.request for item in checked])
         except BackendError as exc:
+            if observer is not None:
+                observer.backend_call(time.perf_counter() - started, exc.kind)
             self._metrics.backend_errors.labels(exc.kind).inc()
             self._log_backend_error(exc)
             if self._options.failure_mode is FailureMode.UNAVAILABLE:
                 # The kind only: Redis's text (key names, script lines) is for the log.
                 raise BackendUnavailable(exc.kind) from exc
             return None
+        if observer is not None:
+            observer.backend_call(time.perf_counter() - started, None)
+        return decision
 
     def _log_backend_error(self, exc: BackendError) -> None:
         # At most one line a second: an outage under load must not flood the log (the

@@ -28,6 +28,16 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
+    return value
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -104,6 +114,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("--metrics-host", "127.0.0.1", "Prometheus exporter bind address (0.0.0.0: every interface)"),
     Option("--metrics-port", 9102, "Prometheus exporter port (HTTP /metrics); 0 disables the exporter", int),
     Option(
+        "--otlp-endpoint",
+        "",
+        "send an OpenTelemetry span per ShouldRateLimit to this OTLP/gRPC collector: http://HOST:PORT "
+        "(plaintext), https://HOST:PORT (TLS) or HOST:PORT; empty: tracing off (needs the tracing extra)",
+    ),
+    Option(
+        "--trace-sampling-ratio",
+        1.0,
+        "share of calls traced among those that arrive without a trace; a caller's traceparent "
+        "sampled flag (Envoy's decision) is followed",
+        _ratio,
+    ),
+    Option(
         "--on-backend-error",
         "unavailable",
         "answer when Redis fails: unavailable (gRPC UNAVAILABLE, so Envoy's failure_mode_deny decides), "
@@ -175,6 +198,8 @@ class Settings:
     tls_client_ca_file: str
     metrics_host: str
     metrics_port: int
+    otlp_endpoint: str
+    trace_sampling_ratio: float
     on_backend_error: FailureMode
     shadow_mode: bool
     merge_domains: bool
