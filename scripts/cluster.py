@@ -10,9 +10,10 @@ Redis, ratelimit-1..3, Prometheus and Envoy run from compose/'s own files, their
 addresses rewritten for loopback (cluster_topology.py) and checked the way compose checks
 them (cluster_health.py). Host ports come from the variables of compose/.env.example; PID
 files, logs, rendered configs and Prometheus data live in $CLUSTER_STATE_DIR (default
-.cluster/). Set CLUSTER_SCRAPE_INTERVAL (e.g. 1s) to scrape
-faster than compose/prometheus.yml does; CLUSTER_REDIS_SERVER_BIN, CLUSTER_PROMETHEUS_BIN
-and CLUSTER_ENVOY_BIN pick other binaries.
+.cluster/). Set CLUSTER_SCRAPE_INTERVAL (e.g. 1s) to scrape and evaluate rules
+faster than compose/prometheus.yml does, and CLUSTER_ALERT_FOR (e.g. 2s) to give every alert
+of compose/rules/ that `for` (tests that watch an alert fire); CLUSTER_REDIS_SERVER_BIN,
+CLUSTER_PROMETHEUS_BIN and CLUSTER_ENVOY_BIN pick other binaries.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from cluster_topology import (
     PortMap,
     TopologyError,
     load_compose,
+    prometheus_rule_files,
+    render_alert_rules,
     render_envoy,
     render_prometheus,
     replica_environment,
@@ -51,6 +54,7 @@ from cluster_topology import (
 
 STATE_DIR_VARIABLE = "CLUSTER_STATE_DIR"
 SCRAPE_INTERVAL_VARIABLE = "CLUSTER_SCRAPE_INTERVAL"
+ALERT_FOR_VARIABLE = "CLUSTER_ALERT_FOR"
 DEFAULT_STATE_DIR = ROOT / ".cluster"
 UP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -157,10 +161,23 @@ def launches(state: State, ports: PortMap, environ: Mapping[str, str]) -> dict[s
     compose = load_compose(environ)
     # The replicas are configured by compose's environment alone, not by the caller's.
     base_env = {name: value for name, value in environ.items() if not name.startswith("RATELIMIT_")}
+    rule_files = prometheus_rule_files()
+    if alert_for := environ.get(ALERT_FOR_VARIABLE):
+        rules_dir = state.path("rules")
+        rules_dir.mkdir(exist_ok=True)
+        rendered = []
+        for source in rule_files:
+            target = rules_dir / source.name
+            target.write_text(
+                f"# Rendered by scripts/cluster from {source.relative_to(ROOT)} with every alert's "
+                f"for: {alert_for} ({ALERT_FOR_VARIABLE}); do not edit.\n" + render_alert_rules(source, alert_for)
+            )
+            rendered.append(target)
+        rule_files = rendered
     prometheus_config = state.path("prometheus.yml")
     prometheus_config.write_text(
         f"# Rendered by scripts/cluster from {PROMETHEUS_CONFIG.relative_to(ROOT)}; do not edit.\n"
-        + render_prometheus(ports, environ.get(SCRAPE_INTERVAL_VARIABLE) or None)
+        + render_prometheus(ports, environ.get(SCRAPE_INTERVAL_VARIABLE) or None, rule_files=rule_files)
     )
     envoy_config = state.path("envoy.yaml")
     envoy_config.write_text(

@@ -2,8 +2,8 @@
 
 Owns the table of published ports (service, port inside the compose network, host-port
 variable, default) that compose/docker-compose.yml and compose/.env.example spell out,
-and the rewrites that turn compose/prometheus.yml, compose/envoy.yaml and the replicas'
-compose environment into their loopback twins for scripts/cluster. Every rewrite goes
+and the rewrites that turn compose/prometheus.yml (with its rule files), compose/envoy.yaml
+and the replicas' compose environment into their loopback twins for scripts/cluster. Every rewrite goes
 through the table, so an address the table does not know is an error, not a silent miss.
 """
 
@@ -13,7 +13,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -30,6 +30,10 @@ LOOPBACK = "127.0.0.1"
 # Start order; `down` goes the other way.
 SERVICES = ("redis", "ratelimit-1", "ratelimit-2", "ratelimit-3", "prometheus", "envoy")
 REPLICAS = ("ratelimit-1", "ratelimit-2", "ratelimit-3")
+# Compose services behind a profile (not started by a plain `up`), which the local cluster
+# does not run: Grafana (profile dashboards) needs its image; scripts/dashboard draws its
+# panels from the cluster's Prometheus instead.
+COMPOSE_ONLY_SERVICES = ("grafana",)
 # In envoy.yaml, a socket_address on a bind-all address is one of the proxy's own.
 BIND_ALL_ADDRESSES = frozenset({"0.0.0.0", "::"})
 
@@ -59,6 +63,7 @@ PUBLISHED_PORTS: tuple[PublishedPort, ...] = (
     PublishedPort("prometheus", 9090, "PROMETHEUS_PORT", 9090),
     PublishedPort("envoy", 10000, "ENVOY_PORT", 10000),
     PublishedPort("envoy", 9901, "ENVOY_ADMIN_PORT", 9901),
+    PublishedPort("grafana", 3000, "GRAFANA_PORT", 3000),
 )
 
 # Compose's `${NAME}`, `${NAME:-default}` and `$$` (a literal dollar).
@@ -129,15 +134,56 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def render_prometheus(ports: PortMap, scrape_interval: str | None = None, source: Path = PROMETHEUS_CONFIG) -> str:
-    """compose/prometheus.yml with every target `service:port` replaced by its loopback address."""
+def prometheus_rule_files(source: Path = PROMETHEUS_CONFIG) -> list[Path]:
+    """The rule files the config loads, found as Prometheus finds them: relative to its folder.
+
+    A pattern must be relative, so that it means the same file in the container (beside the
+    mounted config) and on the host (beside compose/prometheus.yml).
+    """
+    config = yaml.safe_load(source.read_text())
+    files: list[Path] = []
+    for pattern in config.get("rule_files") or []:
+        if Path(pattern).is_absolute():
+            raise TopologyError(f"{source.name}: rule_files {pattern!r} must be relative to the config's folder")
+        files.extend(sorted(source.parent.glob(pattern)))
+    return files
+
+
+def render_prometheus(
+    ports: PortMap,
+    scrape_interval: str | None = None,
+    source: Path = PROMETHEUS_CONFIG,
+    rule_files: Sequence[Path] | None = None,
+) -> str:
+    """compose/prometheus.yml with every target `service:port` replaced by its loopback address
+    and its rule files (by default the config's own, `rule_files` to load others) by their paths.
+
+    A `scrape_interval` applies to rule evaluation too: alerts keep pace with the samples.
+    """
     config = yaml.safe_load(source.read_text())
     if scrape_interval:
-        config.setdefault("global", {})["scrape_interval"] = scrape_interval
+        config.setdefault("global", {}).update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
+    files = prometheus_rule_files(source) if rule_files is None else rule_files
+    if files:
+        config["rule_files"] = [str(path) for path in files]
     for job in config.get("scrape_configs", []):
         for static in job.get("static_configs", []):
             static["targets"] = [ports.address(*split_address(target)) for target in static["targets"]]
     return str(yaml.safe_dump(config, sort_keys=False))
+
+
+def render_alert_rules(source: Path, alert_for: str) -> str:
+    """A rule file with every alert's `for` set to `alert_for`, and nothing else changed.
+
+    For tests that watch an alert fire without waiting its real `for`: the expressions,
+    labels and annotations stay the shipped ones.
+    """
+    rules = yaml.safe_load(source.read_text())
+    for group in rules.get("groups", []):
+        for rule in group.get("rules", []):
+            if "alert" in rule:
+                rule["for"] = alert_for
+    return str(yaml.safe_dump(rules, sort_keys=False))
 
 
 def socket_addresses(node: Any) -> Iterator[dict[str, Any]]:

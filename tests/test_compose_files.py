@@ -263,7 +263,13 @@ def test_prometheus_accepts_its_config() -> None:
 
 
 def test_the_local_runner_runs_the_compose_services(topology: Any, compose: dict[str, Any]) -> None:
-    assert set(topology.SERVICES) == set(compose["services"])
+    assert set(topology.SERVICES) | set(topology.COMPOSE_ONLY_SERVICES) == set(compose["services"])
+    assert not set(topology.SERVICES) & set(topology.COMPOSE_ONLY_SERVICES)
+    # What the runner leaves out, a plain `docker compose up` leaves out too.
+    for name in topology.COMPOSE_ONLY_SERVICES:
+        assert compose["services"][name].get("profiles"), f"{name} must be behind a compose profile"
+    for name in topology.SERVICES:
+        assert not compose["services"][name].get("profiles"), f"{name} must run without a profile"
     assert topology.REPLICAS == REPLICAS
 
 
