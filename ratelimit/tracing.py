@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit
 
@@ -24,8 +25,8 @@ import grpc
 from ratelimit import __version__
 
 if TYPE_CHECKING:
+    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 _DECISIONS = ("OK", "OVER_LIMIT")
 # Server-side errors, as OpenTelemetry's gRPC conventions count them; INVALID_ARGUMENT is the caller's.
 _SERVER_ERRORS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
+_RPC_ATTRIBUTES = {
+    "rpc.system": "grpc",
+    "rpc.service": "envoy.service.ratelimit.v3.RateLimitService",
+    "rpc.method": "ShouldRateLimit",
+}
 _INSTALL_HINT = "pip install 'envoy-ratelimit-sidecar[tracing]'"
 
 
@@ -120,18 +126,24 @@ class Tracing:
         """The span of one call, a child of the caller's trace when its metadata carries one."""
         carrier = {key: value for key, value in metadata or () if key in _TRACE_HEADERS}
         # A malformed traceparent extracts as no parent: the call starts a trace of its own.
-        parent = self._propagator.extract(carrier) if carrier else None
+        return CallSpan(self, self._propagator.extract(carrier) if carrier else None)
+
+    def finish(self, call: CallSpan, error: str | None) -> None:
+        """Hand the ended call to the SDK as one span (ERROR status with `error`, when given)."""
+        # The SDK's span is made whole at the end: one attribute set (each set_attribute takes a
+        # lock and cleans its value), and nothing of it kept across the call's awaits.
         span = self._tracer.start_span(
             SPAN_NAME,
-            context=parent,
+            context=call.parent,
             kind=self._server_kind,
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": "envoy.service.ratelimit.v3.RateLimitService",
-                "rpc.method": "ShouldRateLimit",
-            },
+            attributes=call.attributes,
+            start_time=call.started_ns,
         )
-        return CallSpan(span)
+        if error is not None:
+            from opentelemetry.trace import Status, StatusCode  # only on errors: off the common path
+
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
 
     def shutdown(self, timeout_s: float = FLUSH_ON_STOP_S) -> None:
         """Export the spans still queued, waiting at most `timeout_s`, then close the exporter."""
@@ -147,44 +159,41 @@ class Tracing:
 
 
 class CallSpan:
-    """One ShouldRateLimit call's span; made only while tracing is on."""
+    """What one ShouldRateLimit call tells its span; made only while tracing is on."""
 
-    __slots__ = ("_backend_error", "_span")
+    __slots__ = ("_backend_error", "_tracing", "attributes", "parent", "started_ns")
 
-    def __init__(self, span: Span) -> None:
-        self._span = span
+    def __init__(self, tracing: Tracing, parent: Context | None) -> None:
+        self._tracing = tracing
+        self.parent = parent
+        self.started_ns = time.time_ns()
+        self.attributes: dict[str, str | int | float] = dict(_RPC_ATTRIBUTES)
         self._backend_error: str | None = None
 
     def request(self, domain: str, descriptor_count: int) -> None:
         """What was asked (after the edge's checks, so the domain is bounded)."""
-        self._span.set_attribute("ratelimit.domain", domain)
-        self._span.set_attribute("ratelimit.descriptor_count", descriptor_count)
+        self.attributes["ratelimit.domain"] = domain
+        self.attributes["ratelimit.descriptor_count"] = descriptor_count
 
     def backend_call(self, seconds: float, error_kind: str | None) -> None:
         """The counter store's share of the call, and its failure kind (`timeout`, `circuit_open`, ...)."""
-        self._span.set_attribute("ratelimit.backend.latency_ms", seconds * 1000)
+        self.attributes["ratelimit.backend.latency_ms"] = seconds * 1000
         if error_kind is not None:
             self._backend_error = error_kind
-            self._span.set_attribute("ratelimit.backend.error", error_kind)
+            self.attributes["ratelimit.backend.error"] = error_kind
 
     def end(self, outcome: str) -> None:
         """`outcome`: the decision's code (OK, OVER_LIMIT) or the gRPC status the call ended with."""
-        span = self._span
         if outcome in _DECISIONS:
             code = grpc.StatusCode.OK
-            span.set_attribute("ratelimit.overall_code", outcome)
+            self.attributes["ratelimit.overall_code"] = outcome
         else:
             # The servicer names every status it sets; a call that ends otherwise was cancelled.
             code = getattr(grpc.StatusCode, outcome, grpc.StatusCode.CANCELLED)
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        self.attributes["rpc.grpc.status_code"] = code.value[0]
+        error = None
         if self._backend_error is not None:
-            _set_error(span, f"backend error: {self._backend_error}")
+            error = f"backend error: {self._backend_error}"
         elif code in _SERVER_ERRORS:
-            _set_error(span, code.name)
-        span.end()
-
-
-def _set_error(span: Span, description: str) -> None:
-    from opentelemetry.trace import Status, StatusCode  # only on errors: off the common path
-
-    span.set_status(Status(StatusCode.ERROR, description))
+            error = code.name
+        self._tracing.finish(self, error)

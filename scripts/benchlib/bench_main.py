@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import os
 import platform
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,20 @@ import grpc
 from benchlib import report
 from benchlib.procs import PROJECT_ROOT, require
 from benchlib.runner import Bench, Options, attach_ratios
-from benchlib.servers import CLUSTER, HEADLINE, PLAN
+from benchlib.servers import CLUSTER, HEADLINE, PLAN, PRE_TRACING, SAMPLED_OUT, TRACING_ON, tracing_plan
 from benchlib.workload import SCENARIOS
+from tests.support.otlp import running_otlp_receiver
 from tests.support.processes import running_redis
 
 # Under a saturating closed loop, a call waits its turn on the server's event loop for tens of
 # milliseconds; with the service's 15 ms Redis timeout that turns into UNAVAILABLE answers (and
 # an open circuit breaker) instead of a throughput figure.
 REDIS_TIMEOUT_MS = 250.0
+TRACING_ROWS = (
+    (TRACING_ON, "tracing on (every call sampled)"),
+    (SAMPLED_OUT, "tracing on, --trace-sampling-ratio 0"),
+    (PRE_TRACING, "the server before tracing (baseline)"),
+)
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -40,6 +47,17 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument("--quick", action="store_true", help="one short round, fewer rows (about a minute)")
     parser.add_argument("--profile", action="store_true", help="profile the server (py-spy) in an extra 1-desc phase")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="only the tracing rows (about a minute): tracing off, on, on but sampled out, and the server of "
+        "--pre-tracing-rev, 1 desc, in the same rounds; writes tracing.json",
+    )
+    parser.add_argument(
+        "--pre-tracing-rev",
+        help="git revision whose server is --tracing's baseline (default: the parent of the commit that added "
+        "ratelimit/tracing.py)",
+    )
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "bench-results", help="default bench-results/")
     parser.add_argument("--load-processes", type=int, default=2, help="load generator processes (default 2)")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per load process (default 32)")
@@ -72,19 +90,43 @@ def parse_args(argv: list[str] | None) -> Options:
         quick=args.quick,
         profile=args.profile,
         redis_timeout_ms=args.redis_timeout_ms or None,
+        tracing=args.tracing,
+        pre_tracing_rev=args.pre_tracing_rev,
     )
+
+
+def pre_tracing_revision(asked: str | None) -> str | None:
+    """The revision to compare tracing off against: what was asked, else the parent of the commit
+    that added the tracing module (None outside a git checkout)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    try:
+        if asked:
+            return git("rev-parse", "--verify", f"{asked}^{{commit}}")
+        added = git("log", "--max-count=1", "--format=%H", "--diff-filter=A", "--", "ratelimit/tracing.py")
+        return git("rev-parse", f"{added}^") if added else None
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
-    require("matplotlib", "limits", "uvloop")
     options.out_dir.mkdir(parents=True, exist_ok=True)
+    if options.tracing:
+        return tracing_main(options)
+    require("matplotlib", "limits", "uvloop")
     with (
         tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work,
         running_redis() as redis_server,
+        running_otlp_receiver() as receiver,
         contextlib.ExitStack() as cluster_stack,
     ):
         bench = Bench(options, redis_server.url, Path(work))
+        bench.otlp_endpoint = receiver.endpoint
         try:
             bench.log(
                 f"{os.cpu_count()} cores; load: {options.load_processes} processes x {options.concurrency} in flight"
@@ -98,13 +140,50 @@ def main(argv: list[str] | None = None) -> int:
             bench.library_comparison()
         finally:
             bench.close()
+        spans = len(receiver.spans())  # the servers are stopped: their last spans are in
     attach_ratios(bench)
     found = report.targets(bench.closed, bench.sweep, bench.library, HEADLINE)
     cluster = cluster_comparison(bench)
-    print(summary_text(bench, found, cluster))
+    tracing = report.tracing_lines(bench.closed, HEADLINE, TRACING_ROWS[:1], spans)
+    print(summary_text(bench, found, cluster, tracing))
     report.write_json(options.out_dir / "bench.json", json_document(bench, found, cluster))
     report.draw_chart(options.out_dir / "bench.png", bench.closed, bench.sweep)
     print(f"\nwrote {options.out_dir / 'bench.json'} and {options.out_dir / 'bench.png'}")
+    return 0
+
+
+def tracing_main(options: Options) -> int:
+    """`--tracing`: the tracing rows alone, each against tracing off in the same rounds."""
+    revision = pre_tracing_revision(options.pre_tracing_rev)
+    with (
+        tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work,
+        running_redis() as redis_server,
+        running_otlp_receiver() as receiver,
+    ):
+        bench = Bench(options, redis_server.url, Path(work))
+        bench.otlp_endpoint = receiver.endpoint
+        try:
+            bench.log(
+                f"{os.cpu_count()} cores; load: {options.load_processes} processes x {options.concurrency} in flight; "
+                f"baseline revision {revision or '(none: not a git checkout)'}"
+            )
+            bench.start_servers(tracing_plan(revision))
+            bench.closed_loop()
+        finally:
+            bench.close()
+        spans = len(receiver.spans())  # the servers are stopped: their last spans are in
+    lines = report.tracing_lines(bench.closed, HEADLINE, TRACING_ROWS, spans)
+    print("\n".join(["", report.closed_table(bench.closed), "", *lines, *(f"note: {n}" for n in bench.notes)]))
+    document = {
+        "options": {key: str(value) for key, value in vars(options).items()},
+        "pre_tracing_revision": revision,
+        "closed_loop": [m.to_json() for m in bench.closed],
+        "spans_received": spans,
+        "summary": lines,
+        "notes": bench.notes,
+    }
+    report.write_json(options.out_dir / "tracing.json", document)
+    print(f"\nwrote {options.out_dir / 'tracing.json'}")
     return 0
 
 
@@ -115,7 +194,9 @@ def cluster_comparison(bench: Bench) -> report.ClusterComparison | None:
     return report.cluster_comparison(bench.closed, HEADLINE, CLUSTER, deployment.roles)
 
 
-def summary_text(bench: Bench, found: list[report.Target], cluster: report.ClusterComparison | None) -> str:
+def summary_text(
+    bench: Bench, found: list[report.Target], cluster: report.ClusterComparison | None, tracing: list[str]
+) -> str:
     options = bench.options
     timeout = "their default Redis timeout"
     if options.redis_timeout_ms:
@@ -128,6 +209,7 @@ def summary_text(bench: Bench, found: list[report.Target], cluster: report.Clust
         f"calls; req/s counts answered calls only. Project servers run with {timeout}.",
         report.closed_table(bench.closed),
         *(["", *cluster.lines()] if cluster else []),
+        *(["", *tracing] if tracing else []),
         "\nOpen loop, 1 descriptor, offered at 25/50/75/100% of each contender's closed-loop peak "
         "(latency from the instant each call was due):",
         report.open_table(bench.sweep),

@@ -56,11 +56,12 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / CLOCK_TICKS
 
 
-def start_server(command: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
-    """Start a server process (not waiting for it: see `wait_ready`)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS_DIR), str(PROJECT_ROOT)])}
+def start_server(command: Sequence[str], log_path: Path, source: Path = PROJECT_ROOT) -> subprocess.Popen[bytes]:
+    """Start a server process (not waiting for it: see `wait_ready`); `source` is the tree whose
+    `ratelimit` package it runs (`-m` puts the working directory first on the path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS_DIR), str(source)])}
     with log_path.open("ab") as log_file:
-        return subprocess.Popen(list(command), stdout=log_file, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env)
+        return subprocess.Popen(list(command), stdout=log_file, stderr=subprocess.STDOUT, cwd=source, env=env)
 
 
 def wait_ready(process: subprocess.Popen[bytes], target: str, workers: int = 1) -> None:

@@ -170,6 +170,39 @@ def targets(
     return found
 
 
+def tracing_lines(
+    closed: Sequence[Measurement], off_variant: str, rows: Sequence[tuple[str, str]], spans_received: int | None
+) -> list[str]:
+    """Each tracing row (variant, what it is) against tracing off, measured in the same rounds."""
+    off = find(closed, "project", off_variant)
+    if off is None:
+        return []
+    lines = [f"Tracing, 1 desc, same rounds; tracing off is project {off_variant}:"]
+
+    def line(label: str, m: Measurement, comparison: str) -> str:
+        return (
+            f"  {label:<34} {m.requests_per_s:>7,.0f} req/s  {m.server_cpu_us_per_request:>4,.0f} us/req  "
+            f"p99 {m.p99_ms:>5.2f} ms{comparison}"
+        )
+
+    lines.append(line("tracing off", off, ""))
+    for variant, what in rows:
+        m = find(closed, "project", variant)
+        if m is None or not m.requests_per_s:
+            continue
+        throughput = m.requests_per_s / off.requests_per_s
+        cpu = m.server_cpu_us_per_request / off.server_cpu_us_per_request
+        lines.append(line(what, m, f"  = {throughput:.2f}x the req/s of tracing off, {cpu:.2f}x its CPU per request"))
+    traced = find(closed, "project", rows[0][0]) if rows else None  # the first row traces every call
+    if spans_received is not None and traced is not None:
+        calls = traced.requests_per_s * traced.seconds_measured
+        lines.append(
+            f"  spans the receiver got: {spans_received:,} (the traced row answered about {calls:,.0f} calls while "
+            "measured; its warm-up calls are traced too)"
+        )
+    return lines
+
+
 @dataclass(frozen=True)
 class ClusterComparison:
     """The project's server on one Redis against the same server on a Redis Cluster (1 desc)."""

@@ -24,7 +24,7 @@ import redis
 
 from benchlib import libcompare
 from benchlib.phases import LoadPool, LoadShape, Measurement, Sample, run_phase
-from benchlib.procs import start_server, stop_process, wait_ready
+from benchlib.procs import PROJECT_ROOT, start_server, stop_process, wait_ready
 from benchlib.profiling import Profiler
 from benchlib.servers import ServerSpec, command_line, missing_flags, serve_flags
 from benchlib.workload import write_config
@@ -47,6 +47,8 @@ class Options:
     quick: bool
     profile: bool
     redis_timeout_ms: float | None
+    tracing: bool = False  # only the tracing rows (scripts/bench --tracing)
+    pre_tracing_rev: str | None = None
 
 
 @dataclass
@@ -93,6 +95,8 @@ class Bench:
         self.phases_run = 0
         self.pool = LoadPool(options.load_processes)
         self.servers: list[RunningServer] = []
+        self.otlp_endpoint: str | None = None  # the run's OTLP receiver, for the tracing rows
+        self._checkouts: dict[str, Path] = {}
 
     def log(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
@@ -134,10 +138,15 @@ class Bench:
             deployment = self.deployments.get(spec.redis)
             if deployment is None:
                 continue  # start_cluster said why
+            if spec.trace_sampling_ratio is not None and self.otlp_endpoint is None:
+                continue  # no receiver in this run
             port = free_port()
-            command = command_line(spec, port, deployment.url, self.config, self.flags, self.options.redis_timeout_ms)
+            command = command_line(
+                spec, port, deployment.url, self.config, self.flags, self.options.redis_timeout_ms, self.otlp_endpoint
+            )
             log_path = self.work_dir / f"{spec.name.replace(' ', '-')}.log"
-            process = start_server(command, log_path)
+            source = self.checkout(spec.revision) if spec.revision else PROJECT_ROOT
+            process = start_server(command, log_path, source)
             starting.append(RunningServer(spec, process, f"127.0.0.1:{port}", log_path, deployment))
         for server in starting:
             try:
@@ -149,6 +158,18 @@ class Bench:
                 continue
             self.servers.append(server)
         self.log(f"{len(self.servers)} servers up")
+
+    def checkout(self, revision: str) -> Path:
+        """The tree of `revision` (git archive into the work dir), to run its server."""
+        if revision not in self._checkouts:
+            tree = self.work_dir / f"rev-{revision[:12]}"
+            tree.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(PROJECT_ROOT), "archive", revision], check=True, capture_output=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+            self._checkouts[revision] = tree
+        return self._checkouts[revision]
 
     def note(self, text: str) -> None:
         self.notes.append(text)

@@ -13,6 +13,9 @@ from benchlib.procs import PROJECT_ROOT, python_command
 OPTIMISATION_FLAGS = ("redis-batching", "over-limit-cache", "workers", "event-loop")
 HEADLINE = "batch+cache"
 CLUSTER = "cluster"  # the variant on the 3-primary/3-replica Redis Cluster (HEADLINE's flags)
+TRACING_ON = "tracing on"  # HEADLINE's flags with every call traced, spans sent to the run's receiver
+SAMPLED_OUT = "sampled out"  # tracing on at --trace-sampling-ratio 0: spans made, none kept
+PRE_TRACING = "pre-tracing"  # HEADLINE's flags, the server of the revision before tracing existed
 ALL_SCENARIOS = ("1 desc", "4 desc", "hot key", "100k keys")
 
 
@@ -31,6 +34,8 @@ class ServerSpec:
     sweep: bool = False  # also run the open-loop sweep (1 desc) on this server
     needs: tuple[str, ...] = ()  # serve flags this variant depends on
     redis: str = "single"  # "single": the run's redis-server; "cluster": its Redis Cluster
+    trace_sampling_ratio: float | None = None  # tracing on at this ratio (to the run's receiver); None: off
+    revision: str | None = None  # a git revision whose server runs (from a checkout of it); None: this tree
 
     @property
     def name(self) -> str:
@@ -63,7 +68,22 @@ PLAN = (
     ServerSpec("project", "2 workers", workers=2, needs=("workers",)),
     # HEADLINE's flags; on a cluster the server sends each request as its own EVALSHA (no pipelines).
     ServerSpec("project", CLUSTER, redis="cluster"),
+    # Against HEADLINE (tracing off) in the same rounds: what tracing every call costs.
+    ServerSpec("project", TRACING_ON, trace_sampling_ratio=1.0, needs=("otlp-endpoint",)),
 )
+
+
+def tracing_plan(pre_tracing_revision: str | None) -> tuple[ServerSpec, ...]:
+    """`scripts/bench --tracing`: tracing off, on, on but sampled out, and the server from before
+    tracing (what off costs), 1 descriptor, in the same interleaved rounds."""
+    plan = [
+        ServerSpec("project", HEADLINE),
+        ServerSpec("project", TRACING_ON, trace_sampling_ratio=1.0, needs=("otlp-endpoint",)),
+        ServerSpec("project", SAMPLED_OUT, trace_sampling_ratio=0.0, needs=("otlp-endpoint",)),
+    ]
+    if pre_tracing_revision:
+        plan.append(ServerSpec("project", PRE_TRACING, revision=pre_tracing_revision))
+    return tuple(plan)
 
 
 def serve_flags() -> set[str]:
@@ -83,7 +103,13 @@ def missing_flags(spec: ServerSpec, available: set[str]) -> list[str]:
 
 
 def command_line(
-    spec: ServerSpec, port: int, redis_url: str, config: Path, available: set[str], redis_timeout_ms: float | None
+    spec: ServerSpec,
+    port: int,
+    redis_url: str,
+    config: Path,
+    available: set[str],
+    redis_timeout_ms: float | None,
+    otlp_endpoint: str | None = None,
 ) -> list[str]:
     if spec.contender != "project":
         return python_command(
@@ -129,4 +155,6 @@ def command_line(
             command += [f"--{flag}", values[flag]]
     if redis_timeout_ms is not None:
         command += ["--redis-timeout-ms", f"{redis_timeout_ms:g}"]
+    if spec.trace_sampling_ratio is not None and otlp_endpoint:
+        command += ["--otlp-endpoint", otlp_endpoint, "--trace-sampling-ratio", f"{spec.trace_sampling_ratio:g}"]
     return command
