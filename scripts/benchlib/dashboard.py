@@ -30,6 +30,7 @@ _VARIABLE = re.compile(r"\$\{(?P<braced>\w+)(?::\w+)?\}|\[\[(?P<bracketed>\w+)\]
 _LABEL_VALUES = re.compile(r"^label_values\((?P<match>.+),\s*(?P<label>\w+)\)$", re.DOTALL)
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_REGEX_SPECIAL = re.compile(r"[$^*{}\[\]'+?.()|]")
 
 
 class DashboardError(Exception):
@@ -116,8 +117,15 @@ def selection_value(variable: Mapping[str, Any], selected: Sequence[str]) -> str
             raise DashboardError(f"${variable['name']} has no All option")
         return str(variable.get("allValue") or ".*")
     if len(selected) == 1:
-        return re.escape(selected[0])
-    return "(" + "|".join(re.escape(value) for value in selected) + ")"
+        return _regex_escape(selected[0])
+    return "(" + "|".join(_regex_escape(value) for value in selected) + ")"
+
+
+def _regex_escape(value: str) -> str:
+    """Grafana's escaping of a value for a Prometheus regex matcher. In the query text a
+    backslash becomes four and every other metacharacter gets two before it: one for the
+    regex, doubled for the PromQL string it sits in."""
+    return _REGEX_SPECIAL.sub(r"\\\\\g<0>", value.replace("\\", "\\" * 4))
 
 
 def substitute(expr: str, values: Mapping[str, str]) -> str:
