@@ -4,13 +4,16 @@ counters, found by SCAN and counted by HGETALL, never through the project's key 
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
 from pathlib import Path
 
 import redis
 from prometheus_client import CollectorRegistry
 
 from ratelimit.config import load_config
-from ratelimit.config.model import Unit
+from ratelimit.config.model import Algorithm, Unit
+from ratelimit.limiter import keys
 from ratelimit.limiter.redis_backend import RedisBackend
 from ratelimit.metrics import Metrics
 from ratelimit.service import Code, DescriptorRequest, RateLimitService, ServiceOptions
@@ -24,6 +27,10 @@ LONG = "v" * 5000  # over the key cache's 4 KiB entry cap: hashed on every call
 TRICKY: list[tuple[tuple[str, str], ...]] = [
     (("a_b", "c"),),
     (("a", "b_c"),),
+    (("ab", "c"),),  # run together with no separator at all
+    (("a", "bc"),),
+    (("a", "b"), ("cd", "")),
+    (("a", "b"), ("c", "d"), ("", "")),
     (("a", "b"), ("c", "d")),
     (("a", "b_c_d"),),
     (("a_b_c", "d"),),
@@ -123,3 +130,32 @@ def test_domain_unit_and_algorithm_each_separate_counters(redis_url: str, tmp_pa
         assert len(tags) == 2
     finally:
         client.close()
+
+
+README_KEY_CACHE_BYTES = 16 * 1024 * 1024  # README: "LRU bounded in bytes: 16 MiB"
+
+
+def test_the_key_cache_fills_up_to_16_mib_of_memory_and_no_further() -> None:
+    """Measured from the outside (tracemalloc): 60 MB of distinct 3 KB values leave at most
+    16 MiB behind, the cache's table included; and the cache does keep recent keys, up to that."""
+    cache = keys.key_cache()
+    cache.clear()
+
+    def fill() -> None:
+        for index in range(20_000):
+            value = f"{index:06d}" + "y" * 3_000
+            keys.counter_key(PREFIX, "d", (("path", value),), Unit.MINUTE, Algorithm.SLIDING_WINDOW)
+
+    try:
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        fill()
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert retained <= README_KEY_CACHE_BYTES, f"{retained / 2**20:.2f} MiB retained"
+        # Kept: within one entry (about 3.3 KB here) of the budget.
+        assert README_KEY_CACHE_BYTES - 8 * 1024 <= cache.bytes <= README_KEY_CACHE_BYTES
+    finally:
+        cache.clear()
