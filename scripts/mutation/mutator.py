@@ -58,8 +58,18 @@ TARGETS = (
         ("tests/test_oracle_window.py", "tests/test_window_properties.py", "tests/test_limiter.py"),
         _LIMITER_FAST,
     ),
-    Target("ratelimit/limiter/keys.py", ("tests/test_oracle_keys.py", "tests/test_bounded_caches.py")),
-    Target("ratelimit/limiter/cache.py", ("tests/test_over_limit_cache.py",)),
+    # Wall-clock speed tests (constant-time eviction) fail under the load of parallel jobs,
+    # which would count mutants as killed by noise: left out.
+    Target(
+        "ratelimit/limiter/keys.py",
+        ("tests/test_oracle_keys.py", "tests/test_bounded_caches.py"),
+        ("--deselect=tests/test_bounded_caches.py::test_key_cache_eviction_stays_constant_time",),
+    ),
+    Target(
+        "ratelimit/limiter/cache.py",
+        ("tests/test_over_limit_cache.py",),
+        ("--deselect=tests/test_over_limit_cache.py::test_eviction_is_constant_time_with_many_distinct_full_counters",),
+    ),
     Target("ratelimit/limiter/breaker.py", ("tests/test_breaker.py", "tests/test_breaker_probe.py")),
     Target(
         "ratelimit/config/matcher.py",
@@ -346,14 +356,19 @@ class Workspace:
         self.root = root
         copy_tree(root)
 
-    def run(self, mutant: Mutant, timeout_s: float) -> tuple[str, float]:
+    def run(self, mutant: Mutant, timeout_s: float) -> tuple[str, str]:
+        """The outcome, and what killed the mutant (the first failing test), if it died."""
         path = self.root / mutant.target.path
         original = path.read_text()
         path.write_text(mutant.source)
         try:
-            return run_tests(mutant.target, self.root, timeout_s)
+            outcome, _seconds = run_tests(mutant.target, self.root, timeout_s)
         finally:
             path.write_text(original)
+        if outcome != "failed":
+            return outcome, outcome
+        summary = (self.root / "pytest.log").read_text(errors="replace").splitlines()
+        return outcome, next((line for line in summary if line.startswith(("FAILED", "ERROR"))), "failed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=40.0, help="stop starting mutants after this")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--check-equivalents", action="store_true", help="run the listed equivalents too")
+    parser.add_argument("-v", "--verbose", action="store_true", help="say which test killed each mutant")
     options = parser.parse_args(argv)
 
     targets = [t for t in TARGETS if not options.module or t.path in options.module]
@@ -420,9 +436,11 @@ def _run_all(
             return mutant, "not run"
         workspace = free.pop()
         try:
-            outcome, _seconds = workspace.run(mutant, timeouts[mutant.target.path])
+            outcome, cause = workspace.run(mutant, timeouts[mutant.target.path])
         finally:
             free.append(workspace)
+        if options.verbose and outcome != "passed":
+            print(f"killed {mutant.ident}: {cause}", flush=True)
         return mutant, "survived" if outcome == "passed" else "killed"
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(workspaces)) as pool:
