@@ -171,11 +171,21 @@ def ensure_host_packages() -> None:
     if shutil.which("apt-get") is None:
         raise NotPossibleHere(f"no {', '.join(missing)} and no apt-get to install them (Debian packages)")
     say(f"installing {' '.join(missing)}")
+    # docker.io's maintainer scripts would start the machine's own dockerd: a policy-rc.d
+    # that says "no" (when the machine has none) keeps it stopped; the kit runs its own.
+    policy = Path("/usr/sbin/policy-rc.d")
+    own_policy = not policy.exists()
+    if own_policy:
+        policy.write_text("#!/bin/sh\n# Written by scripts/engine while it installs packages.\nexit 101\n")
+        policy.chmod(0o755)
     try:
         run(["apt-get", "update", "-qq"], timeout_s=600)
         run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], timeout_s=900)
     except RuntimeError as exc:
         raise NotPossibleHere(f"the Debian packages {' '.join(missing)} could not be installed: {exc}") from None
+    finally:
+        if own_policy:
+            policy.unlink(missing_ok=True)
 
 
 def start_engine(layout: Layout) -> tuple[str, bool]:
