@@ -1,8 +1,9 @@
 """OpenTelemetry tracing, opt-in: one span per ShouldRateLimit, exported over OTLP/gRPC.
 
 Off unless `--otlp-endpoint` is set; then `open_tracing` imports OpenTelemetry (the `tracing`
-extra) and the server asks it for a `CallSpan` per call. Off, `open_tracing` returns None and
-nothing here imports OpenTelemetry, so the call path pays one `is None` check.
+extra) and the server asks it for a `CallSpan` per call (None for a call the sampler leaves out).
+Off, `open_tracing` returns None and nothing here imports OpenTelemetry, so the call path pays
+one `is None` check.
 
 The span continues the caller's trace from its W3C `traceparent` gRPC metadata, which Envoy
 sends when its own tracing is on. Sampling is parent-based, the OpenTelemetry default: a caller's
@@ -16,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit
 
@@ -25,8 +25,8 @@ import grpc
 from ratelimit import __version__
 
 if TYPE_CHECKING:
-    from opentelemetry.context import Context
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span
 
 log = logging.getLogger(__name__)
 
@@ -122,28 +122,16 @@ class Tracing:
         self._propagator = TraceContextTextMapPropagator()
         self._server_kind = SpanKind.SERVER
 
-    def start(self, metadata: Sequence[tuple[str, Any]] | None) -> CallSpan:
-        """The span of one call, a child of the caller's trace when its metadata carries one."""
+    def start(self, metadata: Sequence[tuple[str, Any]] | None) -> CallSpan | None:
+        """The span of one call, a child of the caller's trace when its metadata carries one; None
+        when the sampler leaves the call out, which then costs nothing more."""
         carrier = {key: value for key, value in metadata or () if key in _TRACE_HEADERS}
+        if _not_sampled_by_caller(carrier.get("traceparent")):
+            return None  # what parent-based sampling would decide, without the SDK's parse and span
         # A malformed traceparent extracts as no parent: the call starts a trace of its own.
-        return CallSpan(self, self._propagator.extract(carrier) if carrier else None)
-
-    def finish(self, call: CallSpan, error: str | None) -> None:
-        """Hand the ended call to the SDK as one span (ERROR status with `error`, when given)."""
-        # The SDK's span is made whole at the end: one attribute set (each set_attribute takes a
-        # lock and cleans its value), and nothing of it kept across the call's awaits.
-        span = self._tracer.start_span(
-            SPAN_NAME,
-            context=call.parent,
-            kind=self._server_kind,
-            attributes=call.attributes,
-            start_time=call.started_ns,
-        )
-        if error is not None:
-            from opentelemetry.trace import Status, StatusCode  # only on errors: off the common path
-
-            span.set_status(Status(StatusCode.ERROR, error))
-        span.end()
+        parent = self._propagator.extract(carrier) if carrier else None
+        span = self._tracer.start_span(SPAN_NAME, context=parent, kind=self._server_kind, attributes=_RPC_ATTRIBUTES)
+        return CallSpan(span) if span.is_recording() else None
 
     def shutdown(self, timeout_s: float = FLUSH_ON_STOP_S) -> None:
         """Export the spans still queued, waiting at most `timeout_s`, then close the exporter."""
@@ -158,16 +146,35 @@ class Tracing:
         return f"OTLP {self.endpoint} (sampling {self.sampling_ratio:g})"
 
 
+def _not_sampled_by_caller(traceparent: Any) -> bool:
+    """True for a valid version-00 traceparent whose flags are 00 (not sampled): Envoy's mark on
+    every call it does not trace, so most calls where it samples a few. Anything else, malformed
+    included, is left to the SDK."""
+    if not isinstance(traceparent, str) or len(traceparent) != 55 or traceparent[:3] != "00-":
+        return False
+    _, trace_id, parent_id, flags = traceparent.split("-", 3)
+    return (
+        flags == "00"
+        and _is_lower_hex(trace_id, 32)
+        and _is_lower_hex(parent_id, 16)
+        and trace_id != "0" * 32
+        and parent_id != "0" * 16
+    )
+
+
+def _is_lower_hex(text: str, length: int) -> bool:
+    return len(text) == length and all(character in "0123456789abcdef" for character in text)
+
+
 class CallSpan:
-    """What one ShouldRateLimit call tells its span; made only while tracing is on."""
+    """What one sampled ShouldRateLimit call tells its span; made only while tracing is on."""
 
-    __slots__ = ("_backend_error", "_tracing", "attributes", "parent", "started_ns")
+    __slots__ = ("_backend_error", "_span", "attributes")
 
-    def __init__(self, tracing: Tracing, parent: Context | None) -> None:
-        self._tracing = tracing
-        self.parent = parent
-        self.started_ns = time.time_ns()
-        self.attributes: dict[str, str | int | float] = dict(_RPC_ATTRIBUTES)
+    def __init__(self, span: Span) -> None:
+        self._span = span
+        # Applied at the end in one go: each set_attribute of the SDK takes a lock and cleans its value.
+        self.attributes: dict[str, str | int | float] = {}
         self._backend_error: str | None = None
 
     def request(self, domain: str, descriptor_count: int) -> None:
@@ -191,9 +198,16 @@ class CallSpan:
             # The servicer names every status it sets; a call that ends otherwise was cancelled.
             code = getattr(grpc.StatusCode, outcome, grpc.StatusCode.CANCELLED)
         self.attributes["rpc.grpc.status_code"] = code.value[0]
-        error = None
+        span = self._span
+        span.set_attributes(self.attributes)
         if self._backend_error is not None:
-            error = f"backend error: {self._backend_error}"
+            _set_error(span, f"backend error: {self._backend_error}")
         elif code in _SERVER_ERRORS:
-            error = code.name
-        self._tracing.finish(self, error)
+            _set_error(span, code.name)
+        span.end()
+
+
+def _set_error(span: Span, description: str) -> None:
+    from opentelemetry.trace import Status, StatusCode  # only on errors: off the common path
+
+    span.set_status(Status(StatusCode.ERROR, description))

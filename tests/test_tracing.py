@@ -108,10 +108,13 @@ def test_each_call_gets_one_server_span_with_domain_descriptor_count_code_and_ba
 def test_a_traceparent_is_continued_and_a_malformed_one_starts_a_trace_without_changing_the_answer(
     tmp_path: Path, redis_url: str, limits: Path, receiver: OtlpReceiver
 ) -> None:
-    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    trace_id, parent_id, unsampled_trace = secrets.token_hex(16), secrets.token_hex(8), secrets.token_hex(16)
     malformed = [("traceparent", "00-not-a-trace-01"), ("traceparent", f"00-{'0' * 32}-{parent_id}-01")]
     with running_replica(tmp_path, [limits], redis_url=redis_url, extra_args=traced(receiver.endpoint),
                          env=FAST_EXPORT) as replica:  # fmt: skip
+        # The caller did not sample its trace: no span, even at ratio 1 (the ones below end later,
+        # and spans leave in the order they end).
+        ask(replica, [[("route", "r")]], [traceparent(unsampled_trace, parent_id, sampled=False)])
         answer = ask(replica, [[("user", "carol")]], [traceparent(trace_id, parent_id), ("tracestate", "vendor=1")])
         assert answer.overall_code == OK
         # Bad trace context never breaks a decision: the same counter, counted and refused as usual.
@@ -119,6 +122,7 @@ def test_a_traceparent_is_continued_and_a_malformed_one_starts_a_trace_without_c
             assert ask(replica, [[("user", "carol")]], [bad]).overall_code == OVER_LIMIT
         [continued] = receiver.wait_for(1, of_trace(trace_id))
         others = receiver.wait_for(len(malformed), lambda span: span.trace_id != trace_id)
+    assert not receiver.spans(of_trace(unsampled_trace))
     assert continued.parent_span_id == parent_id
     assert continued.attributes["ratelimit.overall_code"] == "OK"
     for span in others:

@@ -172,13 +172,16 @@ def tracing_main(options: Options) -> int:
         finally:
             bench.close()
         spans = len(receiver.spans())  # the servers are stopped: their last spans are in
+        call_path = bench.call_path_cpu(receiver.endpoint, revision)
     lines = report.tracing_lines(bench.closed, HEADLINE, TRACING_ROWS, spans)
+    lines += report.call_path_lines(call_path)
     print("\n".join(["", report.closed_table(bench.closed), "", *lines, *(f"note: {n}" for n in bench.notes)]))
     document = {
         "options": {key: str(value) for key, value in vars(options).items()},
         "pre_tracing_revision": revision,
         "closed_loop": [m.to_json() for m in bench.closed],
         "spans_received": spans,
+        "call_path_us_per_call": call_path,
         "summary": lines,
         "notes": bench.notes,
     }

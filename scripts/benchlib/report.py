@@ -203,6 +203,19 @@ def tracing_lines(
     return lines
 
 
+def call_path_lines(by_mode: dict[str, list[float]]) -> list[str]:
+    """The servicer's own CPU per call by mode (medians of the rounds), against tracing off."""
+    medians = {mode: sorted(values)[len(values) // 2] for mode, values in by_mode.items() if values}
+    off = medians.get("off")
+    if off is None:
+        return []
+    lines = ["Call path alone (servicer on the memory backend, no gRPC; CPU per call, median of the rounds):"]
+    for mode, value in medians.items():
+        comparison = "" if mode == "off" else f"  {value - off:+6.1f} us = {value / off:.3f}x of tracing off"
+        lines.append(f"  {mode:<12} {value:7.1f} us{comparison}")
+    return lines
+
+
 @dataclass(frozen=True)
 class ClusterComparison:
     """The project's server on one Redis against the same server on a Redis Cluster (1 desc)."""

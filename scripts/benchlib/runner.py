@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import multiprocessing
 import os
 import subprocess
@@ -24,7 +25,7 @@ import redis
 
 from benchlib import libcompare
 from benchlib.phases import LoadPool, LoadShape, Measurement, Sample, run_phase
-from benchlib.procs import PROJECT_ROOT, start_server, stop_process, wait_ready
+from benchlib.procs import PROJECT_ROOT, SCRIPTS_DIR, start_server, stop_process, wait_ready
 from benchlib.profiling import Profiler
 from benchlib.servers import ServerSpec, command_line, missing_flags, serve_flags
 from benchlib.workload import write_config
@@ -170,6 +171,28 @@ class Bench:
             subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
             self._checkouts[revision] = tree
         return self._checkouts[revision]
+
+    def call_path_cpu(self, otlp_endpoint: str, pre_tracing_revision: str | None) -> dict[str, list[float]]:
+        """CPU per call of the servicer's own path (benchlib.callpath) by mode, a fresh process
+        each, the modes interleaved over the rounds; "pre-tracing" is the older revision's, off."""
+        runs = [("off", "off", PROJECT_ROOT), ("on", "on", PROJECT_ROOT), ("sampled out", "sampled-out", PROJECT_ROOT)]
+        if pre_tracing_revision:
+            runs.append(("pre-tracing", "off", self.checkout(pre_tracing_revision)))
+        found: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+        for round_number in range(1, self.options.rounds + 1):
+            for label, mode, source in runs:
+                done = subprocess.run(
+                    [sys.executable, "-m", "benchlib.callpath", mode, otlp_endpoint],
+                    cwd=source,  # `-m` puts it first on the path: its `ratelimit` is measured
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS_DIR), str(source)])},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=120,
+                )
+                found[label].append(float(json.loads(done.stdout.splitlines()[-1])["us_per_call"]))
+                self.log(f"round {round_number}: call path, {label}: {found[label][-1]:.1f} us per call")
+        return found
 
     def note(self, text: str) -> None:
         self.notes.append(text)
