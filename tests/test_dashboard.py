@@ -12,17 +12,27 @@ to the provisioning files.
 from __future__ import annotations
 
 import re
+import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from itertools import cycle
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
 
-from tests.support.cluster import PROJECT_ROOT, LocalCluster, running_cluster, scripts_module, wait_until
+from tests.support.cluster import (
+    PROJECT_ROOT,
+    SCRIPTS_DIR,
+    LocalCluster,
+    running_cluster,
+    scripts_module,
+    wait_until,
+)
+from tests.support.processes import free_port
 from tests.support.readme import readme_block
 
 COMPOSE_DIR = PROJECT_ROOT / "compose"
@@ -252,3 +262,39 @@ def test_every_panel_query_is_valid_promql_and_most_return_data(
     empty = {name for name, answer in answers.items() if not answer.result}
     assert (len(queries) - len(empty)) / len(queries) >= MIN_DATA_SHARE, report
     assert empty <= _documented_empty(), f"empty, and not in the README's list:\n{report}"
+
+
+def test_scripts_dashboard_draws_every_panel_from_the_clusters_prometheus(
+    cluster: LocalCluster, prometheus: Any, dashboard: dict[str, Any], dash: Any, tmp_path: Path
+) -> None:
+    out = tmp_path / "dashboard.png"
+    # No --prometheus: the cluster's, found through its port variables.
+    result = subprocess.run(
+        [str(SCRIPTS_DIR / "dashboard"), "--range", "2m", "--out", str(out)],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG\r\n")
+    total = len(dash.panel_queries(dashboard))
+    drawn = re.search(rf"(\d+) of {total} queries returned data", result.stdout)
+    assert drawn and int(drawn[1]) / total >= MIN_DATA_SHARE, result.stdout
+    for line in result.stdout.splitlines()[1:]:
+        assert line.strip().removeprefix("no data: ") in _documented_empty(), line
+
+
+def test_scripts_dashboard_names_the_prometheus_it_cannot_reach(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [str(SCRIPTS_DIR / "dashboard"), "--prometheus", url, "--out", str(tmp_path / "d.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"cannot ask Prometheus at {url}" in result.stderr
+    assert not (tmp_path / "d.png").exists()
