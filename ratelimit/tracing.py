@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import urlsplit
@@ -40,6 +41,8 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 _DECISIONS = ("OK", "OVER_LIMIT")
 # Server-side errors, as OpenTelemetry's gRPC conventions count them; INVALID_ARGUMENT is the caller's.
 _SERVER_ERRORS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})
+# W3C trace context: lower-case hex, trace and parent ids not all zero, flags 00.
+_UNSAMPLED_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-00")
 _RPC_ATTRIBUTES = {
     "rpc.system": "grpc",
     "rpc.service": "envoy.service.ratelimit.v3.RateLimitService",
@@ -150,20 +153,7 @@ def _not_sampled_by_caller(traceparent: Any) -> bool:
     """True for a valid version-00 traceparent whose flags are 00 (not sampled): Envoy's mark on
     every call it does not trace, so most calls where it samples a few. Anything else, malformed
     included, is left to the SDK."""
-    if not isinstance(traceparent, str) or len(traceparent) != 55 or traceparent[:3] != "00-":
-        return False
-    _, trace_id, parent_id, flags = traceparent.split("-", 3)
-    return (
-        flags == "00"
-        and _is_lower_hex(trace_id, 32)
-        and _is_lower_hex(parent_id, 16)
-        and trace_id != "0" * 32
-        and parent_id != "0" * 16
-    )
-
-
-def _is_lower_hex(text: str, length: int) -> bool:
-    return len(text) == length and all(character in "0123456789abcdef" for character in text)
+    return isinstance(traceparent, str) and _UNSAMPLED_TRACEPARENT.fullmatch(traceparent) is not None
 
 
 class CallSpan:

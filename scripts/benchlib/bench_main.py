@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--tracing",
         action="store_true",
-        help="only the tracing rows (about a minute): tracing off, on, on but sampled out, and the server of "
+        help="only the tracing rows (about two minutes): tracing off, on, on but sampled out, and the server of "
         "--pre-tracing-rev, 1 desc, in the same rounds; writes tracing.json",
     )
     parser.add_argument(

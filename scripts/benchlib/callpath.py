@@ -2,10 +2,11 @@
 `Replica` (memory backend) called directly, the way grpc.aio calls it, with Envoy-like metadata.
 
 Run as `python -m benchlib.callpath MODE [OTLP_ENDPOINT]` with the tree to measure first on
-PYTHONPATH; it prints one JSON line: {"us_per_call": ..., "calls": ...}. Process CPU time is
-counted, the replica's stop included, so the tracing exporter's thread and its last batch are.
-`scripts/bench --tracing` runs it for tracing off, on and sampled out, and for the server of the
-revision before tracing: without gRPC's and the load's noise, a few microseconds per call show.
+PYTHONPATH: it serves bursts of calls on request (see `serve_bursts`), reporting process CPU
+time, so the tracing exporter's thread is counted. `scripts/bench --tracing` starts one for
+tracing off, on and unsampled, and one for the server of the revision before tracing, and asks
+them in turn, burst after burst: a slow spell of a shared machine then lands on all of them,
+and without gRPC's and the load's noise a few microseconds per call show.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CALLS = 10_000
-WARMUP_CALLS = 1_000
+WARMUP_CALLS = 2_000
 LIMITS = """\
 domain: bench
 descriptors:
@@ -40,8 +40,8 @@ TRACE_ID, ENVOY_SPAN_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 MODES = {
     "off": ([], None),
     "on": (["--otlp-endpoint", "{endpoint}", "--trace-sampling-ratio", "1"], f"00-{TRACE_ID}-{ENVOY_SPAN_ID}-01"),
-    # Tracing on, the call not sampled (Envoy's flag 00 is followed): the cost of asking.
-    "sampled-out": (
+    # Tracing on, the call not sampled by Envoy (its flag 00 is followed): what such a call costs.
+    "unsampled": (
         ["--otlp-endpoint", "{endpoint}", "--trace-sampling-ratio", "0"],
         f"00-{TRACE_ID}-{ENVOY_SPAN_ID}-00",
     ),
@@ -61,7 +61,9 @@ class _Context:
         raise RuntimeError(f"the call failed: {code} {details}")
 
 
-async def measure(mode: str, endpoint: str = "") -> dict[str, float]:
+async def serve_bursts(mode: str, endpoint: str = "") -> None:
+    """Answer `run N` lines on stdin with N calls and the CPU per call since the last answer (so
+    what the exporter's thread did between bursts is counted too); `stop` ends it."""
     from ratelimit.app import Replica
     from ratelimit.client import build_request
     from ratelimit.settings import settings_from_environment
@@ -78,13 +80,20 @@ async def measure(mode: str, endpoint: str = "") -> dict[str, float]:
         context = _Context(ENVOY_METADATA + ((("traceparent", traceparent),) if traceparent else ()))
         for _ in range(WARMUP_CALLS):
             await servicer.ShouldRateLimit(raw, context)
-        started = time.process_time()
-        for _ in range(CALLS):
-            await servicer.ShouldRateLimit(raw, context)
-        await replica.stop()  # the tracing exporter's last batch
-        spent = time.process_time() - started
-    return {"us_per_call": spent / CALLS * 1e6, "calls": CALLS}
+        print("ready", flush=True)
+        last = time.process_time()
+        for line in sys.stdin:
+            command = line.split()
+            if command[:1] != ["run"]:
+                break
+            calls = int(command[1])
+            for _ in range(calls):
+                await servicer.ShouldRateLimit(raw, context)
+            now = time.process_time()
+            print(json.dumps({"us_per_call": (now - last) / calls * 1e6}), flush=True)
+            last = now
+        await replica.stop()
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(measure(*sys.argv[1:]))))
+    asyncio.run(serve_bursts(*sys.argv[1:]))

@@ -204,12 +204,17 @@ def tracing_lines(
 
 
 def call_path_lines(by_mode: dict[str, list[float]]) -> list[str]:
-    """The servicer's own CPU per call by mode (medians of the rounds), against tracing off."""
+    """The servicer's own CPU per call by mode (the median burst), against tracing off."""
     medians = {mode: sorted(values)[len(values) // 2] for mode, values in by_mode.items() if values}
     off = medians.get("off")
     if off is None:
         return []
-    lines = ["Call path alone (servicer on the memory backend, no gRPC; CPU per call, median of the rounds):"]
+    bursts = len(by_mode["off"])
+    lines = [
+        f"Call path alone (the servicer on the memory backend, no gRPC; CPU per call, median of {bursts} bursts "
+        "per mode, the modes in turn; on: every call traced and exported, unsampled: tracing on, Envoy's "
+        "traceparent says not sampled):"
+    ]
     for mode, value in medians.items():
         comparison = "" if mode == "off" else f"  {value - off:+6.1f} us = {value / off:.3f}x of tracing off"
         lines.append(f"  {mode:<12} {value:7.1f} us{comparison}")

@@ -33,6 +33,9 @@ from tests.support.processes import free_port
 from tests.support.redis_topologies import running_redis_cluster
 
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# The call path's bursts (about 0.1 s each), per round of --rounds, each mode in turn.
+CALL_PATH_BURSTS = 10
+CALL_PATH_BURST_CALLS = 1_000
 
 
 @dataclass(frozen=True)
@@ -173,25 +176,36 @@ class Bench:
         return self._checkouts[revision]
 
     def call_path_cpu(self, otlp_endpoint: str, pre_tracing_revision: str | None) -> dict[str, list[float]]:
-        """CPU per call of the servicer's own path (benchlib.callpath) by mode, a fresh process
-        each, the modes interleaved over the rounds; "pre-tracing" is the older revision's, off."""
-        runs = [("off", "off", PROJECT_ROOT), ("on", "on", PROJECT_ROOT), ("sampled out", "sampled-out", PROJECT_ROOT)]
+        """CPU per call of the servicer's own path (benchlib.callpath) by mode: one process per
+        mode, asked for bursts in turn; "pre-tracing" is the older revision's, tracing off."""
+        runs = [("off", "off", PROJECT_ROOT), ("on", "on", PROJECT_ROOT), ("unsampled", "unsampled", PROJECT_ROOT)]
         if pre_tracing_revision:
             runs.append(("pre-tracing", "off", self.checkout(pre_tracing_revision)))
-        found: dict[str, list[float]] = {label: [] for label, _, _ in runs}
-        for round_number in range(1, self.options.rounds + 1):
-            for label, mode, source in runs:
-                done = subprocess.run(
-                    [sys.executable, "-m", "benchlib.callpath", mode, otlp_endpoint],
-                    cwd=source,  # `-m` puts it first on the path: its `ratelimit` is measured
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS_DIR), str(source)])},
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    timeout=120,
-                )
-                found[label].append(float(json.loads(done.stdout.splitlines()[-1])["us_per_call"]))
-                self.log(f"round {round_number}: call path, {label}: {found[label][-1]:.1f} us per call")
+        processes = {}
+        for label, mode, source in runs:
+            processes[label] = subprocess.Popen(
+                [sys.executable, "-m", "benchlib.callpath", mode, otlp_endpoint],
+                cwd=source,  # `-m` puts it first on the path: its `ratelimit` is measured
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPTS_DIR), str(source)])},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        found: dict[str, list[float]] = {label: [] for label in processes}
+        try:
+            for label, process in processes.items():
+                if _exchange(process, None) != "ready":
+                    raise RuntimeError(f"the call path of {label} did not start")
+            for _ in range(CALL_PATH_BURSTS * self.options.rounds):
+                for label, process in processes.items():
+                    reply = _exchange(process, f"run {CALL_PATH_BURST_CALLS}")
+                    found[label].append(float(json.loads(reply)["us_per_call"]))
+        finally:
+            for process in processes.values():
+                with contextlib.suppress(OSError):
+                    process.communicate(timeout=30)  # closes its stdin: the replica stops
+        for label, values in found.items():
+            self.log(f"call path, {label}: {sorted(values)[len(values) // 2]:.1f} us per call (median)")
         return found
 
     def note(self, text: str) -> None:
@@ -297,6 +311,15 @@ class Bench:
         self.pool.close()
         for deployment in self.deployments.values():
             deployment.close()
+
+
+def _exchange(process: subprocess.Popen[str], line: str | None) -> str:
+    """Send `line` (if any) to a call path process and read its answer."""
+    assert process.stdin is not None and process.stdout is not None  # opened as pipes
+    if line is not None:
+        process.stdin.write(line + "\n")
+        process.stdin.flush()
+    return process.stdout.readline().strip()
 
 
 def attach_ratios(bench: Bench) -> None:
