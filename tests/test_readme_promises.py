@@ -8,6 +8,8 @@ hand from the README's words (and envoyproxy/ratelimit's), not taken from the co
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import urllib.request
 from pathlib import Path
 from typing import Sequence
@@ -16,8 +18,10 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from ratelimit import service as service_module
 from ratelimit.client import RateLimitClient
 from ratelimit.config import load_config
+from ratelimit.generated.envoy.service.ratelimit.v3 import rls_pb2
 from ratelimit.limiter import Backend, BackendError, CounterRequest, Decision
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.metrics import Metrics
@@ -33,6 +37,10 @@ descriptors:
     rate_limit: {unit: hour, requests_per_unit: 10}
   - key: three
     rate_limit: {unit: hour, requests_per_unit: 3}
+  - key: hourly
+    rate_limit: {unit: hour, requests_per_unit: 10}
+  - key: minutely
+    rate_limit: {unit: minute, requests_per_unit: 10}
 """
 SERVICE_YAML = Path(__file__).parent / "data" / "service.yaml"
 
@@ -94,6 +102,8 @@ def test_backend_failure_answers_are_counted_by_mode(tmp_path: Path, mode: Failu
     assert unknown.overall_code is Code.OK
     counted = harness.registry.get_sample_value("ratelimit_backend_failure_answers_total", {"mode": mode.value})
     assert counted == 3
+    errors = harness.registry.get_sample_value("ratelimit_backend_errors_total", {"kind": "connection"})
+    assert errors == 3
 
 
 def test_unavailable_is_not_a_failure_mode_answer(tmp_path: Path) -> None:
@@ -132,3 +142,93 @@ def test_redis_tls_with_a_client_certificate(tmp_path: Path) -> None:
             assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
             body = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read()
             assert b'ratelimit_backend_errors_total{kind="connection"}' in body
+
+
+class SteppedClock:
+    """Stands in for the service's `time` module: monotonic() returns what the test sets."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_an_outage_is_logged_about_once_a_second_with_the_failures_in_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: "The log gets about one line a second, not one per call"; each line says how
+    many failures it stands for."""
+    clock = SteppedClock()
+    monkeypatch.setattr(service_module, "time", clock)
+    harness = Harness(tmp_path, FailingBackend(), ServiceOptions(failure_mode=FailureMode.ALLOW))
+    with caplog.at_level(logging.WARNING, logger="ratelimit.service"):
+        for at in (0.0, 0.5, 0.99, 1.0, 1.5, 2.2, 3.5):
+            clock.now = 1000.0 + at
+            harness.ask("ten")
+    lines = [record.getMessage() for record in caplog.records]
+    counts = [int(found.group(1)) for line in lines if (found := re.search(r"\((\d+) failures since the last", line))]
+    # Lines at 0 s, 1.0 s (a second after the first), 2.2 s and 3.5 s.
+    assert counts == [1, 3, 2, 1]
+    assert len(counts) == len(lines)
+    assert all("backend failed (connection): Redis went away" in line for line in lines)
+
+
+def test_codes_are_the_protocol_numbers() -> None:
+    for code in Code:
+        assert int(code) == rls_pb2.RateLimitResponse.Code.Value(code.name)
+
+
+def test_a_descriptor_no_rule_matches_reports_ok_with_no_limit_and_nothing_remaining(tmp_path: Path) -> None:
+    """As envoyproxy/ratelimit: no current_limit, limit_remaining 0, no reset."""
+    harness = Harness(tmp_path, MemoryBackend())
+    request = [DescriptorRequest(entries=(("nobody", "v"),)), DescriptorRequest(entries=(("ten", "v"),))]
+    answer = asyncio.run(harness.service.should_rate_limit("promises", request, 1))
+    unmatched = answer.statuses[0]
+    assert (unmatched.code, unmatched.current_limit, unmatched.limit_remaining) == (Code.OK, None, 0)
+    assert unmatched.duration_until_reset_ms is None
+    assert answer.statuses[1].limit_remaining == 9
+
+
+def test_rate_limit_reset_header_is_the_longest_wait_of_the_most_constrained_rounded_up(tmp_path: Path) -> None:
+    """Two descriptors with as much room left (9 of 10): the header shows the longer wait, in
+    whole seconds rounded up. The waits follow the README: a hit made at t stops counting at
+    (floor(t / (W/40)) + 41) * W/40."""
+    now_ms = 1_700_000_000_499
+    harness = Harness(tmp_path, MemoryBackend(lambda: now_ms), ServiceOptions(response_headers=True))
+    request = [DescriptorRequest(entries=(("minutely", "v"),)), DescriptorRequest(entries=(("hourly", "v"),))]
+    answer = asyncio.run(harness.service.should_rate_limit("promises", request, 1))
+    hour_bucket_ms = 3_600_000 // 40
+    hourly_wait_ms = (now_ms // hour_bucket_ms + 41) * hour_bucket_ms - now_ms
+    assert answer.statuses[1].duration_until_reset_ms == hourly_wait_ms
+    headers = dict(answer.response_headers)
+    assert headers == {
+        "RateLimit-Limit": "10",
+        "RateLimit-Remaining": "9",
+        "RateLimit-Reset": str(-(-hourly_wait_ms // 1000)),
+    }
+
+
+class Observer:
+    """What a tracing span is told of the backend call (see ratelimit.tracing)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str | None]] = []
+
+    def backend_call(self, seconds: float, error_kind: str | None) -> None:
+        self.calls.append((seconds, error_kind))
+
+
+@pytest.mark.parametrize(("backend", "kind"), [(MemoryBackend, None), (FailingBackend, "connection")])
+def test_the_observer_is_told_the_backend_call_time_and_error(
+    tmp_path: Path, backend: type[Backend], kind: str | None
+) -> None:
+    harness = Harness(tmp_path, backend(), ServiceOptions(failure_mode=FailureMode.ALLOW))
+    observer = Observer()
+    request = [DescriptorRequest(entries=(("ten", "v"),))]
+    asyncio.run(harness.service.should_rate_limit("promises", request, 1, observer=observer))
+    [(seconds, error_kind)] = observer.calls
+    assert 0 <= seconds < 1 and error_kind == kind

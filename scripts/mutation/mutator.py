@@ -80,7 +80,7 @@ TARGETS = (
             "tests/test_config_loader.py",
         ),
     ),
-    Target("ratelimit/service.py", ("tests/test_service.py", "tests/test_readme_promises.py")),
+    Target("ratelimit/service.py", ("tests/test_service.py", "tests/test_readme_promises.py", "tests/test_guards.py")),
     Target(
         "ratelimit/limiter/lua/evaluate.lua",
         (
