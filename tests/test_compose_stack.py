@@ -112,6 +112,11 @@ class Stack:
     def envoy_url(self) -> str:
         return f"http://{self.address('ENVOY_PORT')}/"
 
+    def envoy_rls_stats(self) -> str:
+        """Envoy's non-zero counters of the rate limit cluster: what a failure looked like."""
+        _, _, body = http_get(f"http://{self.address('ENVOY_ADMIN_PORT')}/stats?filter=cluster\\.ratelimit\\.")
+        return "\n".join(line for line in body.splitlines() if not line.endswith(": 0"))
+
     def envoy_stat(self, name: str) -> int:
         _, _, body = http_get(f"http://{self.address('ENVOY_ADMIN_PORT')}/stats?filter=^{re.escape(name)}$")
         found = re.search(rf"^{re.escape(name)}: (\d+)$", body, re.MULTILINE)
@@ -177,6 +182,7 @@ def _fresh_address_budget(stack: Stack) -> None:
 class Answer:
     status: int  # 0: no HTTP answer at all
     decided: bool  # the rate limit service answered (Envoy added the x-ratelimit headers)
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -215,6 +221,33 @@ def _replica_rpc_count(stack: Stack, replica: str) -> float:
     port = stack.ports[f"RATELIMIT_{replica.rsplit('-', 1)[1]}_METRICS_PORT"]
     _, _, body = http_get(f"http://127.0.0.1:{port}/metrics")
     return sum(float(value) for value in re.findall(r"^ratelimit_rpc_duration_seconds_count\{.*\} (\S+)$", body, re.M))
+
+
+def _reconfigure_envoy(stack: Stack, folder: Path, *, failure_mode_deny: bool) -> None:
+    """Recreate Envoy with compose/envoy.yaml but for two settings of the rate limit filter.
+
+    failure_mode_deny as asked. And a 1 s timeout instead of 0.25 s: the traffic scenarios
+    test what a kill or a drain does, and on a busy 2-core host (three replicas, Envoy,
+    Prometheus, Redis and the test itself) a decision took up to 445 ms now and then (Envoy's
+    upstream_rq_time P99.9), long before any signal: a 0.25 s timeout made those failures."""
+    envoy_yaml = (PROJECT_ROOT / "compose" / "envoy.yaml").read_text()
+    wanted = ("failure_mode_deny", "false", str(failure_mode_deny).lower()), ("timeout", "0.25s", "1s")
+    for setting, shipped, value in wanted:
+        line = re.compile(rf"^(\s+){setting}: {re.escape(shipped)}$", re.MULTILINE)
+        envoy_yaml, replaced = line.subn(rf"\g<1>{setting}: {value}", envoy_yaml)
+        assert replaced == 1, setting
+    (folder / "envoy.yaml").write_text(envoy_yaml)
+    mount = json.dumps(f"{folder / 'envoy.yaml'}:/etc/envoy/envoy.yaml:ro")
+    override = folder / "envoy-override.yml"
+    override.write_text(f"services:\n  envoy:\n    volumes: !override\n      - {mount}\n")
+    stack.overrides[:] = [override]
+    recreated = stack.compose("up", "--detach", "--wait", "envoy", timeout_s=120)
+    assert recreated.returncode == 0, recreated.stdout + recreated.stderr
+    wait_until(
+        lambda: http_get(stack.envoy_url(), {"x-user-id": f"warm-{uuid.uuid4().hex}"})[0] in (200, 429),
+        30,
+        "the recreated Envoy to answer",
+    )
 
 
 # --- the scenarios, in order ----------------------------------------------------------------
@@ -305,10 +338,11 @@ def test_one_limit_holds_exactly_across_the_three_containers(stack: Stack) -> No
 
 
 def test_killing_a_replica_under_traffic_loses_no_count_and_envoy_moves_to_the_others(
-    docker_client: Any, stack: Stack
+    docker_client: Any, stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """SIGKILL ratelimit-2 while requests flow: the address budget (60 a minute, kept in
     Redis) is spent exactly, whichever replicas answered, and Envoy stops asking ratelimit-2."""
+    _reconfigure_envoy(stack, tmp_path_factory.mktemp("envoy-allow"), failure_mode_deny=False)
     _fresh_address_budget(stack)
     before = {replica: _replica_rpc_count(stack, replica) for replica in ("ratelimit-1", "ratelimit-3")}
     with Traffic(stack) as traffic:
@@ -337,9 +371,16 @@ def test_killing_a_replica_under_traffic_loses_no_count_and_envoy_moves_to_the_o
     assert all(after[replica] > before[replica] for replica in before), (before, after)
 
 
-def test_the_killed_replica_comes_back(stack: Stack) -> None:
+def test_the_killed_replica_comes_back(docker_client: Any, stack: Stack) -> None:
     restarted = stack.compose("up", "--detach", "--wait", "ratelimit-2", timeout_s=120)
-    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert restarted.returncode == 0, "\n".join(
+        [
+            restarted.stdout,
+            restarted.stderr,
+            json.dumps(_containers(docker_client, stack)["ratelimit-2"].attrs["State"]),
+            stack.compose("logs", "--no-color", "ratelimit-2").stdout[-3000:],
+        ]
+    )
     user = f"back-{uuid.uuid4().hex[:10]}"
     with RateLimitClient(stack.grpc_target("ratelimit-2"), timeout_s=2.0) as client:
         assert client.should_rate_limit("demo", [[("user", user)]]).overall_code == "OK"
@@ -351,27 +392,7 @@ def test_stopping_a_replica_under_traffic_with_failure_mode_deny_fails_no_reques
     """SIGTERM ratelimit-1 (docker compose stop) while requests flow through an Envoy that
     answers 500 whenever the rate limit service fails: the replica drains, exits 0, and not
     one request fails."""
-    folder = tmp_path_factory.mktemp("envoy-deny")
-    envoy_yaml = (PROJECT_ROOT / "compose" / "envoy.yaml").read_text()
-    denying, replaced = re.subn(
-        r"^(\s+)failure_mode_deny: false$", r"\1failure_mode_deny: true", envoy_yaml, flags=re.M
-    )
-    assert replaced == 1
-    (folder / "envoy.yaml").write_text(denying)
-    override = folder / "deny.yml"
-    override.write_text(
-        "services:\n  envoy:\n    volumes: !override\n      - "
-        + json.dumps(f"{folder / 'envoy.yaml'}:/etc/envoy/envoy.yaml:ro")
-        + "\n"
-    )
-    stack.overrides.append(override)
-    recreated = stack.compose("up", "--detach", "--wait", "envoy", timeout_s=120)
-    assert recreated.returncode == 0, recreated.stdout + recreated.stderr
-    wait_until(
-        lambda: http_get(stack.envoy_url(), {"x-user-id": f"warm-{uuid.uuid4().hex}"})[0] in (200, 429),
-        30,
-        "the recreated Envoy to answer",
-    )
+    _reconfigure_envoy(stack, tmp_path_factory.mktemp("envoy-deny"), failure_mode_deny=True)
     errors_before = stack.envoy_stat("cluster.demo_upstream.ratelimit.error")
     with Traffic(stack) as traffic:
         traffic.wait_for(20)
@@ -383,7 +404,8 @@ def test_stopping_a_replica_under_traffic_with_failure_mode_deny_fails_no_reques
     statuses = [answer.status for answer in traffic.answers]
     print(f"\nstop ratelimit-1 (drained in {stop_s:.1f} s): {len(statuses)} requests, {statuses.count(500)} x 500")
     assert stop_s < 20, "SIGTERM did not reach the server (exec-form ENTRYPOINT), Docker had to SIGKILL"
-    assert set(statuses) <= {200, 429}, f"requests failed: {[s for s in statuses if s not in (200, 429)]}"
+    failures = [(a.status, round(a.at - started, 2)) for a in traffic.answers if a.status not in (200, 429)]
+    assert not failures, f"requests failed (status, s after SIGTERM): {failures}\n{stack.envoy_rls_stats()}"
     assert all(answer.decided for answer in traffic.answers)
     assert stack.envoy_stat("cluster.demo_upstream.ratelimit.error") == errors_before
     assert _containers(docker_client, stack)["ratelimit-1"].attrs["State"]["ExitCode"] == 0
