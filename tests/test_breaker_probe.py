@@ -12,6 +12,7 @@ from ratelimit.limiter import BackendError, CounterRequest, Decision
 from ratelimit.limiter.breaker import CircuitBreaker, CircuitState
 from ratelimit.limiter.memory import MemoryBackend
 from tests.limiter_cases import counter
+from tests.test_breaker import ManualClock
 
 
 class GatedStore(MemoryBackend):
@@ -29,14 +30,6 @@ class GatedStore(MemoryBackend):
             raise BackendError("connection", "refused")
         await self.gate.wait()
         return await super().evaluate(requests)
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def opened(store: GatedStore, clock: ManualClock) -> CircuitBreaker:
