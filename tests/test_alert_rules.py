@@ -6,21 +6,27 @@ misses. compose's Prometheus and the local cluster's load the same files. Live: 
 whose alerts wait 1 s instead of their `for` (CLUSTER_ALERT_FOR; expressions, labels and
 annotations are the shipped ones) evaluates every rule against the real metrics without error,
 fires nothing while all is well, fires RateLimitReplicaDown for a stopped replica and for it
-alone, and clears it when the replica is back.
+alone, and clears it when the replica is back; with Redis stopped under traffic, it fires the
+breaker, Redis-error and error-answer alerts on every replica and nothing else, and clears the
+breaker's when Redis is back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+import grpc
 import pytest
 import yaml
 
+from ratelimit.client import RateLimitClient
 from tests.support.cluster import PROJECT_ROOT, LocalCluster, http_get, running_cluster, scripts_module, wait_until
 
 COMPOSE_DIR = PROJECT_ROOT / "compose"
@@ -29,6 +35,7 @@ RULE_FILES = sorted(RULES_DIR.glob("*.yml"))
 RULE_TESTS = sorted((RULES_DIR / "tests").glob("*.yml"))
 SEVERITIES = {"critical", "warning", "info"}
 LIVE_ALERT_FOR = "1s"
+REPLICAS = ("ratelimit-1", "ratelimit-2", "ratelimit-3")
 
 
 def _promtool() -> str:
@@ -246,3 +253,71 @@ def test_a_stopped_replica_fires_replica_down_for_it_alone_until_it_is_back(clus
     cluster.run("up", "ratelimit-2")
     wait_until(lambda: not replica_down(), 20, "RateLimitReplicaDown to clear")
     assert _active_alerts(cluster) == []
+
+
+def _firing(cluster: LocalCluster) -> set[tuple[str, str]]:
+    return {
+        (alert["labels"]["alertname"], alert["labels"].get("replica", ""))
+        for alert in _active_alerts(cluster)
+        if alert["state"] == "firing"
+    }
+
+
+@contextlib.contextmanager
+def _decisions_asked(cluster: LocalCluster) -> Iterator[None]:
+    """Calls to every replica, about 50 a second in all, until the block ends: the breaker
+    opens, and closes again, only on calls that reach Redis."""
+    stop = threading.Event()
+    clients = [RateLimitClient(cluster.grpc_target(replica), timeout_s=1.0) for replica in REPLICAS]
+
+    def ask() -> None:
+        # A new user each call: a full counter would be answered from the replica's over-limit
+        # cache, without Redis.
+        calls = 0
+        while not stop.is_set():
+            for client in clients:
+                calls += 1
+                with contextlib.suppress(grpc.RpcError):
+                    client.should_rate_limit("demo", [[("user", f"alert-test-{calls}")]])
+            time.sleep(0.06)
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        asker.join(timeout=10)
+        for client in clients:
+            client.close()
+
+
+def test_redis_stopped_under_traffic_fires_the_backend_alerts_on_every_replica_and_no_other(
+    cluster: LocalCluster,
+) -> None:
+    backend_alerts = {"RateLimitCircuitOpen", "RateLimitBackendErrors", "RateLimitUnavailableAnswers"}
+    expected = {(name, replica) for name in backend_alerts for replica in REPLICAS}
+    with _decisions_asked(cluster):
+        cluster.run("down", "redis")
+        try:
+            seen: list[set[tuple[str, str]]] = [set()]
+
+            def all_firing() -> bool:
+                seen[0] = _firing(cluster)
+                return seen[0] >= expected
+
+            try:
+                wait_until(all_firing, 30, f"{sorted(backend_alerts)} firing on every replica")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; firing at the end: {sorted(seen[0])}") from None
+            # The replicas are up and nothing went through Envoy.
+            assert _firing(cluster) == expected
+        finally:
+            cluster.run("up", "redis")
+        # The breaker closes at the first probe that succeeds; the error rates take their
+        # one-minute window to fall.
+        wait_until(
+            lambda: not any(name == "RateLimitCircuitOpen" for name, _ in _firing(cluster)),
+            20,
+            "RateLimitCircuitOpen to clear once Redis is back",
+        )
