@@ -62,8 +62,8 @@ class _Context:
 
 
 async def serve_bursts(mode: str, endpoint: str = "") -> None:
-    """Answer `run N` lines on stdin with N calls and the CPU per call since the last answer (so
-    what the exporter's thread did between bursts is counted too); `stop` ends it."""
+    """Answer `run N` lines on stdin with N calls (their spans exported) and the CPU per call since
+    the last answer; end of input stops the replica."""
     from ratelimit.app import Replica
     from ratelimit.client import build_request
     from ratelimit.settings import settings_from_environment
@@ -76,6 +76,7 @@ async def serve_bursts(mode: str, endpoint: str = "") -> None:
         flags += [flag.format(endpoint=endpoint) for flag in serve_flags]
         replica = Replica(settings_from_environment({}, flags))
         servicer = replica.server._servicer  # the call path itself, without gRPC in front of it
+        tracing = getattr(replica, "tracing", None)  # None when off, or before tracing existed
         raw = build_request("bench", [[("user", "alice")]]).SerializeToString()
         context = _Context(ENVOY_METADATA + ((("traceparent", traceparent),) if traceparent else ()))
         for _ in range(WARMUP_CALLS):
@@ -89,6 +90,10 @@ async def serve_bursts(mode: str, endpoint: str = "") -> None:
             calls = int(command[1])
             for _ in range(calls):
                 await servicer.ShouldRateLimit(raw, context)
+            if tracing is not None:
+                # The burst's spans leave now, in its own time: no export work spills into the
+                # next burst or onto another mode's.
+                tracing._provider.force_flush()
             now = time.process_time()
             print(json.dumps({"us_per_call": (now - last) / calls * 1e6}), flush=True)
             last = now

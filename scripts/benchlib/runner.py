@@ -196,10 +196,12 @@ class Bench:
             for label, process in processes.items():
                 if _exchange(process, None) != "ready":
                     raise RuntimeError(f"the call path of {label} did not start")
+            order = list(processes.items())
             for _ in range(CALL_PATH_BURSTS * self.options.rounds):
-                for label, process in processes.items():
+                for label, process in order:
                     reply = _exchange(process, f"run {CALL_PATH_BURST_CALLS}")
                     found[label].append(float(json.loads(reply)["us_per_call"]))
+                order = order[1:] + order[:1]  # each mode follows each other mode as often
         finally:
             for process in processes.values():
                 with contextlib.suppress(OSError):
