@@ -12,7 +12,7 @@ import gc
 import logging
 import signal
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from ratelimit.limiter import Backend, BackendError
 from ratelimit.limiter.breaker import CircuitBreaker, CircuitState
@@ -106,7 +106,10 @@ class Replica:
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
-        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self.metrics = Metrics(registry)
         self.config = ConfigHolder(settings.config, merge_domains=settings.merge_domains, metrics=self.metrics)
         self.config.load()  # a bad config at start is fatal: raise ConfigError to the CLI
         store, self.breaker = make_store(settings, self.metrics)

@@ -11,13 +11,16 @@ the number of label sets is capped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ratelimit import __version__
 
@@ -170,6 +173,36 @@ class Metrics:
         """Create configured rules' series at zero, so dashboards see them before traffic."""
         for rule_labels in labels:
             self.rules(rule_labels)
+
+
+# The process figures a node of several workers exports as the sum over its processes.
+_SUMMED_PROCESS_METRICS = ("process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes")
+
+
+class ProcessTreeCollector(Collector):
+    """process_cpu_seconds_total and process_*_memory_bytes summed over this process and its
+    workers (`worker_pids()`, read at every scrape), so a `--workers` node reports what it costs
+    as one replica does; a worker that has exited counts no more."""
+
+    def __init__(self, worker_pids: Callable[[], Iterable[int]]) -> None:
+        self._worker_pids = worker_pids
+
+    def collect(self) -> Iterable[Any]:
+        totals = dict.fromkeys(_SUMMED_PROCESS_METRICS, 0.0)
+        for pid in ["self", *self._worker_pids()]:
+            # ProcessCollector reads /proc/PID; it yields nothing for a PID that is gone.
+            for family in ProcessCollector(pid=functools.partial(str, pid), registry=None).collect():
+                if family.name in totals:
+                    totals[family.name] += family.samples[0].value
+        yield CounterMetricFamily(
+            "process_cpu_seconds", "Total user and system CPU time spent in seconds.", totals["process_cpu_seconds"]
+        )
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory size in bytes.", totals["process_resident_memory_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "process_virtual_memory_bytes", "Virtual memory size in bytes.", totals["process_virtual_memory_bytes"]
+        )
 
 
 class MetricsExporter:

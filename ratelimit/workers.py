@@ -23,6 +23,7 @@ from types import FrameType
 from prometheus_client import CollectorRegistry, multiprocess
 
 from ratelimit.app import open_metrics_exporter
+from ratelimit.metrics import ProcessTreeCollector
 from ratelimit.settings import Settings, settings_to_environment
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def run_workers(settings: Settings) -> int:
         if settings.metrics_port:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+            registry.register(ProcessTreeCollector(lambda: [w.pid for w in workers if w.poll() is None]))
             exporter = open_metrics_exporter(registry, settings)
         for _ in range(settings.workers):
             workers.append(subprocess.Popen([sys.executable, "-m", "ratelimit", "serve"], env=environment))

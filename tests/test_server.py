@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -284,6 +285,38 @@ def test_validate_config_command(tmp_path: Path) -> None:
     assert f"{bad}: line 4: config error, unknown key 'ratelimit'" in failed.stderr
 
 
+def _proc_cpu_ticks(pid: int) -> int:
+    """utime + stime, in clock ticks (exact, where seconds are floats summed in another order)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _ticks(seconds: float) -> int:
+    return round(seconds * os.sysconf("SC_CLK_TCK"))
+
+
+def _proc_rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sample(body: str, name: str) -> float:
+    import re
+
+    found = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
+    assert found is not None, f"{name} not exported"
+    return float(found.group(1))
+
+
+def test_a_replica_exports_its_process_cpu_and_memory(tmp_path: Path, redis_url: str) -> None:
+    with running_replica(tmp_path, [SERVICE_YAML], redis_url=redis_url) as replica:
+        pid = replica.process.pid
+        cpu_before, rss = _proc_cpu_ticks(pid), _proc_rss_bytes(pid)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=5).read().decode()
+        cpu_after = _proc_cpu_ticks(pid)
+        assert cpu_before <= _ticks(_sample(body, "process_cpu_seconds_total")) <= cpu_after
+        assert 0.9 * rss <= _sample(body, "process_resident_memory_bytes") <= 1.1 * rss
+
+
 def test_workers_share_the_port_and_metrics_report_their_sum(tmp_path: Path, redis_url: str) -> None:
     import re
 
@@ -312,6 +345,15 @@ def test_workers_share_the_port_and_metrics_report_their_sum(tmp_path: Path, red
         body = scrape()
         served = re.findall(r'ratelimit_rpc_duration_seconds_count\{code="OK"\} (\S+)', body)
         assert sum(float(v) for v in served) == calls
+        # CPU and memory are the node's: parent and workers, as /proc tells them.
+        node = [replica.process.pid, *map(int, children)]
+        cpu_before = sum(_proc_cpu_ticks(pid) for pid in node)
+        rss = [_proc_rss_bytes(pid) for pid in node]
+        body = scrape()
+        cpu_after = sum(_proc_cpu_ticks(pid) for pid in node)
+        assert cpu_before <= _ticks(_sample(body, "process_cpu_seconds_total")) <= cpu_after
+        assert 0.9 * sum(rss) <= _sample(body, "process_resident_memory_bytes") <= 1.1 * sum(rss)
+        assert sum(rss[1:]) > rss[0]  # the workers, not the parent alone, hold the memory
         exit_code = replica.terminate()
     assert exit_code == 0
     assert "Traceback" not in replica.log()
