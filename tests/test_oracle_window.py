@@ -27,6 +27,7 @@ from ratelimit.limiter import Decision, Role
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
 from tests.oracles import BUCKETS_PER_UNIT, Ask, SlidingLog
+from tests.support.counters import add_hits
 
 UNITS = [unit for unit in Unit if unit is not Unit.UNKNOWN]
 LIMITS = (1, 2, 3, 5, 8, 40, 1000, 10**6)
@@ -127,7 +128,8 @@ def seed_history(rng: random.Random, client: redis.Redis, oracle: SlidingLog, as
         bucket = now_ms // bucket_ms - back
         at_ms = min(now_ms, bucket * bucket_ms + rng.randrange(bucket_ms))
         hits = rng.randint(1, max(1, ask.limit // 3))
-        client.hincrby(ask.key, str(at_ms // bucket_ms), hits)
+        span = BUCKETS_PER_UNIT + 1 if ask.algorithm is Algorithm.SLIDING_WINDOW else 1
+        add_hits(client, ask.key, at_ms // bucket_ms, hits, span, ttl_ms=2 * window_ms)
         oracle.add(ask.key, at_ms, hits)
 
 

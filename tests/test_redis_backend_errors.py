@@ -77,7 +77,7 @@ def test_redis_error_text_is_logged_and_clients_get_only_its_kind(
             # A counter of the wrong type makes the script fail with Redis's own text (WRONGTYPE).
             for name in client.keys("*"):
                 client.delete(name)
-                client.set(name, "not a counter")
+                client.rpush(name, "not a counter")
             await served.service.should_rate_limit("failover", TIGHT, 1)
         except BackendUnavailable as exc:
             return exc

@@ -19,6 +19,7 @@ from ratelimit.limiter.keys import counter_key
 from ratelimit.limiter.redis_backend import RedisBackend
 from tests.limiter_cases import counter
 from tests.redis_failover import drive_through_fault
+from tests.support.counters import held_hits
 from tests.support.redis_topologies import RedisClusterTopology, running_redis_cluster
 from tests.support.replica import ReplicaProcess, running_replica
 
@@ -65,7 +66,7 @@ def counted_hits(topology: RedisClusterTopology, domain: str, entries: tuple[tup
     key = counter_key("ratelimit:", domain, entries, unit, Algorithm.SLIDING_WINDOW)
     client = sync_cluster(topology)
     try:
-        return sum(int(v) for v in client.hgetall(key).values())
+        return held_hits(client, key)
     finally:
         client.close()
 

@@ -1,7 +1,7 @@
 """Counter keys: collision-free, bounded in length, one Redis Cluster hash slot per domain.
 
 A key is `<prefix>{<domain tag>}:<digest>`. The digest is BLAKE2b-160 of an unambiguous,
-length-prefixed encoding of (domain, algorithm, unit, entries), so ("a_b", "c") and
+length-prefixed encoding of (counter layout, domain, algorithm, unit, entries), so ("a_b", "c") and
 ("a", "b_c") never share a counter, and a value of any length gives a key of fixed size.
 The hash tag depends on the domain only: every counter a request touches is in the same
 slot, which keeps one request one script call on Redis Cluster.
@@ -18,6 +18,10 @@ from typing import Sequence
 from ratelimit.config.model import Algorithm, Unit
 from ratelimit.limiter.lru import ByteBoundedLru, strings_size
 
+# The layout of a stored counter (lua/evaluate.lua), part of every digest: counters an earlier
+# layout wrote (hashes of buckets) are never read as this one's, so replicas of two versions
+# side by side during a rolling upgrade count apart for at most one window, without errors.
+COUNTER_LAYOUT = "packed-1"
 KEY_CACHE_BYTES = 16 * 1024 * 1024
 # Inputs larger than this are hashed on every call instead: a hash of a few KB costs
 # microseconds, and caching them would let a few hostile requests evict everything else.
@@ -51,7 +55,7 @@ def counter_key(
     key = _key_cache.get(cache_input)
     if key is not None:
         return key
-    parts = [domain, algorithm.value, unit.name]
+    parts = [COUNTER_LAYOUT, domain, algorithm.value, unit.name]
     for entry_key, value in entries:
         parts.append(entry_key)
         parts.append(value)

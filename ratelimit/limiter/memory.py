@@ -56,7 +56,7 @@ class MemoryBackend(Backend):
             # Admitted: the count once this request's hits up to this counter are in.
             used = counter_check.used + hits_through if admitted else counter_check.used
             if admitted and request.hits > 0:
-                bucket = request.window.current_bucket(now_ms)
+                bucket = window.charged_bucket(buckets, request.window, now_ms)
                 buckets[bucket] = buckets.get(bucket, 0) + request.hits
                 self._expiry_ms[request.key] = request.window.leaves_window_at_ms(bucket)
             results.append(CounterResult(over_limit=counter_check.over_limit, used=used, reset_ms=reset))

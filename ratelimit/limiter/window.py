@@ -64,6 +64,12 @@ def prune(buckets: dict[int, int], spec: WindowSpec, now_ms: int) -> None:
         del buckets[stale]
 
 
+def charged_bucket(buckets: Mapping[int, int], spec: WindowSpec, now_ms: int) -> int:
+    """The bucket admitted hits go to: the current one, or the newest held if the clock stepped
+    back (a counter's clock never goes back: the hits then leave later, never sooner)."""
+    return max(spec.current_bucket(now_ms), max(buckets, default=0))
+
+
 def check(buckets: Mapping[int, int], limit: int, need: int) -> CounterCheck:
     """Whether `need` more hits fit; buckets must be pruned. Future buckets (clock steps back) count."""
     used = sum(buckets.values())

@@ -19,10 +19,19 @@ from typing import Any
 
 import grpc
 
-from benchlib import report
+from benchlib import report, statecost
 from benchlib.procs import PROJECT_ROOT, require
 from benchlib.runner import Bench, Options, attach_ratios
-from benchlib.servers import CLUSTER, HEADLINE, PLAN, PRE_TRACING, SAMPLED_OUT, TRACING_ON, tracing_plan
+from benchlib.servers import (
+    CLUSTER,
+    HEADLINE,
+    PLAN,
+    PRE_TRACING,
+    SAMPLED_OUT,
+    TRACING_ON,
+    ServerSpec,
+    tracing_plan,
+)
 from benchlib.workload import SCENARIOS
 from tests.support.otlp import running_otlp_receiver
 from tests.support.processes import running_redis
@@ -58,6 +67,17 @@ def parse_args(argv: list[str] | None) -> Options:
         help="git revision whose server is --tracing's baseline (default: the parent of the commit that added "
         "ratelimit/tracing.py)",
     )
+    parser.add_argument(
+        "--state",
+        action="store_true",
+        help="only the state tier's cost (about a minute): Redis CPU per decision and bytes per counter of the "
+        "project's script, of --baseline-rev's, and of a fixed-window INCRBY+PEXPIRE anchor; writes state.json",
+    )
+    parser.add_argument(
+        "--baseline-rev",
+        help="git revision measured beside this tree in the same rounds: its server (1 and 4 desc) and its script "
+        "in the state table, for before/after figures",
+    )
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "bench-results", help="default bench-results/")
     parser.add_argument("--load-processes", type=int, default=2, help="load generator processes (default 2)")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per load process (default 32)")
@@ -92,6 +112,8 @@ def parse_args(argv: list[str] | None) -> Options:
         redis_timeout_ms=args.redis_timeout_ms or None,
         tracing=args.tracing,
         pre_tracing_rev=args.pre_tracing_rev,
+        state=args.state,
+        baseline_rev=args.baseline_rev,
     )
 
 
@@ -118,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if options.tracing:
         return tracing_main(options)
+    if options.state:
+        return state_main(options)
     require("matplotlib", "limits", "uvloop")
     with (
         tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work,
@@ -132,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{os.cpu_count()} cores; load: {options.load_processes} processes x {options.concurrency} in flight"
             )
             bench.start_cluster(cluster_stack)
-            bench.start_servers(PLAN)
+            bench.start_servers(with_baseline(PLAN, options.baseline_rev))
             bench.closed_loop()
             bench.open_loop()
             if options.profile:
@@ -141,14 +165,34 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.close()
         spans = len(receiver.spans())  # the servers are stopped: their last spans are in
+    state_rounds = 1 if options.quick else 3
+    state_table, state = statecost.run(options.baseline_rev, rounds=state_rounds, seconds=1.0, log=bench.log)
     attach_ratios(bench)
     found = report.targets(bench.closed, bench.sweep, bench.library, HEADLINE)
     cluster = cluster_comparison(bench)
     tracing = report.tracing_lines(bench.closed, HEADLINE, TRACING_ROWS[:1], spans)
     print(summary_text(bench, found, cluster, tracing))
-    report.write_json(options.out_dir / "bench.json", json_document(bench, found, cluster))
+    print(f"\n{state_table}")
+    report.write_json(options.out_dir / "bench.json", {**json_document(bench, found, cluster), "state": state})
     report.draw_chart(options.out_dir / "bench.png", bench.closed, bench.sweep)
     print(f"\nwrote {options.out_dir / 'bench.json'} and {options.out_dir / 'bench.png'}")
+    return 0
+
+
+def with_baseline(plan: tuple[ServerSpec, ...], revision: str | None) -> tuple[ServerSpec, ...]:
+    """The plan, plus the server of `revision` with the headline's flags (--baseline-rev)."""
+    if not revision:
+        return plan
+    both = ("1 desc", "4 desc")
+    return (*plan, ServerSpec("project", f"at {revision}", revision=revision, scenarios=both, quick_scenarios=both))
+
+
+def state_main(options: Options) -> int:
+    """`--state`: the state tier's cost alone."""
+    table, document = statecost.run(options.baseline_rev, rounds=3, seconds=1.0, log=print)
+    print(f"\n{table}")
+    report.write_json(options.out_dir / "state.json", {"baseline_rev": options.baseline_rev, **document})
+    print(f"\nwrote {options.out_dir / 'state.json'}")
     return 0
 
 

@@ -53,6 +53,8 @@ class Options:
     redis_timeout_ms: float | None
     tracing: bool = False  # only the tracing rows (scripts/bench --tracing)
     pre_tracing_rev: str | None = None
+    state: bool = False  # only the state tier's cost (scripts/bench --state)
+    baseline_rev: str | None = None  # a revision whose server and script are rows of their own
 
 
 @dataclass

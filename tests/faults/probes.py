@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ratelimit.config.model import Algorithm, Unit
 from ratelimit.limiter.keys import counter_key
+from tests.support.counters import held_hits
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -79,8 +80,8 @@ def sliding_key(domain: str, entries: Sequence[tuple[str, str]], unit: Unit, pre
 
 
 def counted_hits(client: redis.Redis, key: str) -> int:
-    """All hits a counter holds: the sum of its bucket fields."""
-    return sum(int(value) for value in client.hvals(key))
+    """All hits a counter holds: the sum of its buckets."""
+    return held_hits(client, key)
 
 
 def rpc_latency_buckets(body: str) -> dict[float, float]:

@@ -1,9 +1,9 @@
 -- Decide and charge every counter of one rate limit request, atomically.
 --
--- KEYS[i]  counter i: a hash {bucket index -> hits}; all keys share one hash slot.
+-- KEYS[i]  counter i: a string (layout below); all keys share one hash slot.
 --          A key may appear more than once (a request may name one counter twice).
 -- ARGV     five values per counter, in KEYS order:
---            limit      requests per unit (integer >= 0)
+--            limit      requests per unit (integer, 0 <= limit < 2^32)
 --            bucket_ms  bucket length in milliseconds
 --            span       buckets counted, the current one included (1 = fixed window)
 --            hits       hits to charge (0 = check only; the caller caps it at limit + 1)
@@ -12,95 +12,114 @@
 -- Returns  {admitted (0/1), now_ms, then per counter: over_limit (0/1), used, reset_ms}
 --          used: hits in the window, with this request's hits up to this counter when admitted.
 --
--- Time is Redis's own (TIME), so every replica shares one clock. A request is admitted
--- only when no enforcing counter is over and not all of its quota counters are over;
--- only then are hits added (all-or-nothing).
+-- A counter is one string, newest bucket first:
+--   8 bytes   the newest bucket's index (little-endian IEEE double: exact below 2^53)
+--   4 bytes   hits in that bucket, then 4 bytes for each older bucket in turn, at most
+--             `span` in all (unsigned 32-bit little-endian, saturating at 2^32 - 1)
+-- A counter hit once is 12 bytes; one with hits in every bucket of its window, 8 + 4 * span.
+-- Buckets that left the window are cut off the end when the counter is next charged; a
+-- read ignores them. A decision costs GET, then SET ... PXAT only when hits are charged:
+-- no field-by-field reads or deletes, and the work is O(span) in C string calls at most.
+--
+-- Time is Redis's own (TIME), so every replica shares one clock; a counter's clock never
+-- goes back (a bucket older than its newest is charged to the newest, which leaves later).
+-- A request is admitted only when no enforcing counter is over and not all of its quota
+-- counters are over; only then are hits added (all-or-nothing).
 -- Mirrors ratelimit/limiter/window.py and memory.py, which document the arithmetic.
 
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local count = #KEYS
+local MAX_SLOT = 4294967295
+local HEADER = 8
 
-local specs = {}
+-- One state per distinct key, however often the request names it.
+local states = {}
+local order = {}
+local over = {}
 local used = {}
 local through = {}
-local over = {}
 local resets = {}
-local planned = {}
 local admitted = true
 local quota_counters = 0
 local quota_over = 0
 
-local function leaves_at(spec, index)
-  return (index + spec.span) * spec.bucket_ms
+local function leaves_at(state, index)
+  return (index + state.span) * state.bucket_ms
 end
 
--- The wait a status promises, from the buckets as they were before this request.
--- Measured from now_ms exactly (see window.reset_ms).
-local function reset_ms(spec, live, total, need, is_over)
-  local reference = now_ms
-  local ordered = {}
-  for index, hits in pairs(live) do
+local function load(key, bucket_ms, span)
+  local current = math.floor(now_ms / bucket_ms)
+  local raw = redis.call('GET', key)
+  local state = {key = key, bucket_ms = bucket_ms, span = span, planned = 0, sum = 0, kept = 0,
+                 age = 0, newest = current, body = '', slots = {}}
+  if raw and #raw >= HEADER + 4 and (#raw - HEADER) % 4 == 0 then
+    local newest = struct.unpack('<d', raw)
+    -- Buckets newer than now (Redis's clock stepped back) still count: keep them all.
+    local age = math.max(current - newest, 0)
+    local kept = math.min((#raw - HEADER) / 4, span - age)
+    if kept > 0 then
+      state.newest = math.max(current, newest)
+      state.kept = kept
+      state.age = age
+      state.body = string.sub(raw, HEADER + 1, HEADER + 4 * kept)
+      local slots = {struct.unpack('<' .. string.rep('I4', kept), state.body)}
+      local sum = 0
+      for k = 1, kept do
+        sum = sum + slots[k]
+      end
+      state.slots = slots
+      state.sum = sum
+    end
+  end
+  return state
+end
+
+-- Slot k (1 = newest) of a state holds bucket state.newest - state.age - (k - 1).
+-- The wait a status promises, from the buckets as they were before this request, measured
+-- from now_ms exactly (see window.reset_ms): over the limit, until `need` hits fit;
+-- otherwise until the oldest counted hit leaves (with none, until a hit made now would).
+local function reset_ms(state, limit, need, is_over)
+  if state.sum == 0 then
+    return leaves_at(state, state.newest) - now_ms
+  end
+  local slots = state.slots
+  local top = state.newest - state.age
+  local running = state.sum
+  for k = state.kept, 1, -1 do
+    local hits = slots[k]
     if hits > 0 then
-      ordered[#ordered + 1] = index
+      running = running - hits
+      if not is_over or running + need <= limit then
+        return leaves_at(state, top - k + 1) - now_ms
+      end
     end
   end
-  if #ordered == 0 then
-    return leaves_at(spec, spec.current) - reference
-  end
-  table.sort(ordered)
-  if not is_over then
-    return leaves_at(spec, ordered[1]) - reference
-  end
-  local running = total
-  for _, index in ipairs(ordered) do
-    running = running - live[index]
-    if running + need <= spec.limit then
-      return leaves_at(spec, index) - reference
-    end
-  end
-  return leaves_at(spec, math.max(ordered[#ordered], spec.current)) - reference
+  return leaves_at(state, state.newest) - now_ms -- a clear window: more hits than the limit never fit
 end
 
 for i = 1, count do
   local base = (i - 1) * 5
-  local spec = {
-    limit = tonumber(ARGV[base + 1]),
-    bucket_ms = tonumber(ARGV[base + 2]),
-    span = tonumber(ARGV[base + 3]),
-    hits = tonumber(ARGV[base + 4]),
-    role = tonumber(ARGV[base + 5]),
-  }
-  spec.current = math.floor(now_ms / spec.bucket_ms)
-  specs[i] = spec
-
-  local first = spec.current - spec.span + 1
-  local flat = redis.call('HGETALL', KEYS[i])
-  local live = {}
-  local stale = {}
-  local sum = 0
-  for j = 1, #flat, 2 do
-    local index = tonumber(flat[j])
-    if index < first then
-      stale[#stale + 1] = flat[j]
-    else
-      local hits = tonumber(flat[j + 1])
-      live[index] = hits
-      sum = sum + hits
-    end
+  local limit = tonumber(ARGV[base + 1])
+  local hits = tonumber(ARGV[base + 4])
+  local role = tonumber(ARGV[base + 5])
+  local key = KEYS[i]
+  local state = states[key]
+  if not state then
+    state = load(key, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]))
+    states[key] = state
+    order[#order + 1] = state
   end
-  if #stale > 0 then
-    redis.call('HDEL', KEYS[i], unpack(stale))
-  end
-  local earlier = planned[KEYS[i]] or 0
-  planned[KEYS[i]] = earlier + spec.hits
-  through[i] = earlier + spec.hits
-  used[i] = sum
-  over[i] = sum + through[i] > spec.limit
-  resets[i] = reset_ms(spec, live, sum, through[i], over[i])
-  if over[i] and spec.role == 1 then
+  -- Hits that earlier mentions of this key in the request put on it must fit together.
+  local need = state.planned + hits
+  state.planned = need
+  through[i] = need
+  used[i] = state.sum
+  over[i] = state.sum + need > limit
+  resets[i] = reset_ms(state, limit, need, over[i])
+  if over[i] and role == 1 then
     admitted = false
-  elseif spec.role == 2 then
+  elseif role == 2 then
     quota_counters = quota_counters + 1
     if over[i] then
       quota_over = quota_over + 1
@@ -111,19 +130,31 @@ if quota_counters > 0 and quota_over == quota_counters then
   admitted = false
 end
 
-local reply = {admitted and 1 or 0, now_ms}
-for i = 1, count do
-  local spec = specs[i]
-  if admitted then
-    used[i] = used[i] + through[i]
-    if spec.hits > 0 then
-      redis.call('HINCRBY', KEYS[i], spec.current, spec.hits)
-      -- Every bucket has left the window once the current one has: expire then.
-      redis.call('PEXPIREAT', KEYS[i], leaves_at(spec, spec.current))
+if admitted then
+  for _, state in ipairs(order) do
+    if state.planned > 0 then
+      -- The newest bucket first, then the gap since the last charge as zeros, then the
+      -- buckets still in the window: at most span slots.
+      local head = state.planned
+      local rest = ''
+      if state.kept > 0 and state.age == 0 then
+        head = head + state.slots[1]
+        rest = string.sub(state.body, 5)
+      elseif state.kept > 0 then
+        rest = string.rep('\0\0\0\0', state.age - 1) .. state.body
+      end
+      head = math.min(head, MAX_SLOT)
+      local value = struct.pack('<dI4', state.newest, head) .. rest
+      -- Every bucket has left the window once the newest one has: expire then.
+      redis.call('SET', state.key, value, 'PXAT', leaves_at(state, state.newest))
     end
   end
+end
+
+local reply = {admitted and 1 or 0, now_ms}
+for i = 1, count do
   reply[#reply + 1] = over[i] and 1 or 0
-  reply[#reply + 1] = used[i]
+  reply[#reply + 1] = admitted and used[i] + through[i] or used[i]
   reply[#reply + 1] = resets[i]
 end
 return reply
