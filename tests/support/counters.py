@@ -1,7 +1,8 @@
 """Counters as Redis holds them, read and written from the outside by the README's layout
 ("The sliding window and its bounds"), never through the project's script: a string whose first
-8 bytes are the newest bucket's index (little-endian double), then 4 bytes (little-endian
-unsigned) of hits per bucket, newest first, one bucket older each."""
+8 bytes are the newest bucket's index and the next 8 the sum of the hits stored (little-endian
+doubles), then 4 bytes (little-endian unsigned) of hits per bucket, newest first, one bucket
+older each."""
 
 from __future__ import annotations
 
@@ -9,23 +10,25 @@ import struct
 
 import redis
 
-HEADER = struct.Struct("<d")
+HEADER = struct.Struct("<dd")
 SLOT = struct.Struct("<I")
 
 
 def decode(raw: bytes) -> dict[int, int]:
     """{bucket index: hits} of a stored counter, zero buckets left out."""
     assert len(raw) >= HEADER.size + SLOT.size and (len(raw) - HEADER.size) % SLOT.size == 0, raw
-    (newest,) = HEADER.unpack_from(raw)
+    newest, total = HEADER.unpack_from(raw)
     assert newest == int(newest) >= 0, newest
     slots = [hits for (hits,) in SLOT.iter_unpack(raw[HEADER.size :])]
+    assert total == sum(slots), f"the stored sum {total} is not the sum of the buckets stored {slots}"
     return {int(newest) - age: hits for age, hits in enumerate(slots) if hits}
 
 
 def encode(buckets: dict[int, int]) -> bytes:
     newest = max(buckets)
     ages = range(newest - min(buckets) + 1)
-    return HEADER.pack(newest) + b"".join(SLOT.pack(buckets.get(newest - age, 0)) for age in ages)
+    slots = [buckets.get(newest - age, 0) for age in ages]
+    return HEADER.pack(newest, sum(slots)) + b"".join(SLOT.pack(hits) for hits in slots)
 
 
 def buckets_of(client: redis.Redis, key: str | bytes) -> dict[int, int]:

@@ -14,12 +14,15 @@
 --
 -- A counter is one string, newest bucket first:
 --   8 bytes   the newest bucket's index (little-endian IEEE double: exact below 2^53)
---   4 bytes   hits in that bucket, then 4 bytes for each older bucket in turn, at most
+--   8 bytes   the sum of the hits stored (a double, exact), so a decision reads no bucket
+--   4 bytes   hits in the newest bucket, then 4 bytes for each older bucket in turn, at most
 --             `span` in all (unsigned 32-bit little-endian, saturating at 2^32 - 1)
--- A counter hit once is 12 bytes; one with hits in every bucket of its window, 8 + 4 * span.
+-- A counter hit once is 20 bytes; one with hits in every bucket of its window, 16 + 4 * span.
 -- Buckets that left the window are cut off the end when the counter is next charged; a
--- read ignores them. A decision costs GET, then SET ... PXAT only when hits are charged:
--- no field-by-field reads or deletes, and the work is O(span) in C string calls at most.
+-- read leaves them out. A decision costs GET, then, only when hits are charged, SETRANGE of
+-- the first 20 bytes (same bucket: the expiry stands) or SET ... PXAT (a new bucket). It
+-- reads the oldest counted bucket (for the reset) and the ones that just left, nothing else,
+-- unless it is over the limit (then the reset walks the buckets, oldest first).
 --
 -- Time is Redis's own (TIME), so every replica shares one clock; a counter's clock never
 -- goes back (a bucket older than its newest is charged to the newest, which leaves later).
@@ -31,7 +34,7 @@ local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local count = #KEYS
 local MAX_SLOT = 4294967295
-local HEADER = 8
+local HEADER = 16
 
 -- One state per distinct key, however often the request names it.
 local states = {}
@@ -48,28 +51,32 @@ local function leaves_at(state, index)
   return (index + state.span) * state.bucket_ms
 end
 
+-- Hits in slot k (1 = newest) of a stored counter.
+local function slot(raw, k)
+  return (struct.unpack('<I4', raw, HEADER + 4 * k - 3))
+end
+
 local function load(key, bucket_ms, span)
   local current = math.floor(now_ms / bucket_ms)
   local raw = redis.call('GET', key)
   local state = {key = key, bucket_ms = bucket_ms, span = span, planned = 0, sum = 0, kept = 0,
-                 age = 0, newest = current, body = '', slots = {}}
+                 stored = 0, age = 0, newest = current, raw = ''}
   if raw and #raw >= HEADER + 4 and (#raw - HEADER) % 4 == 0 then
-    local newest = struct.unpack('<d', raw)
+    local newest, sum = struct.unpack('<dd', raw)
+    local stored = (#raw - HEADER) / 4
     -- Buckets newer than now (Redis's clock stepped back) still count: keep them all.
     local age = math.max(current - newest, 0)
-    local kept = math.min((#raw - HEADER) / 4, span - age)
+    local kept = math.min(stored, span - age)
     if kept > 0 then
+      for k = kept + 1, stored do
+        sum = sum - slot(raw, k) -- left the window
+      end
       state.newest = math.max(current, newest)
       state.kept = kept
+      state.stored = stored
       state.age = age
-      state.body = string.sub(raw, HEADER + 1, HEADER + 4 * kept)
-      local slots = {struct.unpack('<' .. string.rep('I4', kept), state.body)}
-      local sum = 0
-      for k = 1, kept do
-        sum = sum + slots[k]
-      end
-      state.slots = slots
       state.sum = sum
+      state.raw = raw
     end
   end
   return state
@@ -83,11 +90,10 @@ local function reset_ms(state, limit, need, is_over)
   if state.sum == 0 then
     return leaves_at(state, state.newest) - now_ms
   end
-  local slots = state.slots
   local top = state.newest - state.age
   local running = state.sum
   for k = state.kept, 1, -1 do
-    local hits = slots[k]
+    local hits = slot(state.raw, k)
     if hits > 0 then
       running = running - hits
       if not is_over or running + need <= limit then
@@ -133,20 +139,24 @@ end
 if admitted then
   for _, state in ipairs(order) do
     if state.planned > 0 then
-      -- The newest bucket first, then the gap since the last charge as zeros, then the
-      -- buckets still in the window: at most span slots.
-      local head = state.planned
-      local rest = ''
-      if state.kept > 0 and state.age == 0 then
-        head = head + state.slots[1]
-        rest = string.sub(state.body, 5)
-      elseif state.kept > 0 then
-        rest = string.rep('\0\0\0\0', state.age - 1) .. state.body
+      local first = state.kept > 0 and state.age == 0 and slot(state.raw, 1) or 0
+      local head = math.min(first + state.planned, MAX_SLOT)
+      local header = struct.pack('<ddI4', state.newest, state.sum + head - first, head)
+      if state.kept > 0 and state.age == 0 and state.kept == state.stored then
+        -- The same newest bucket: its expiry stands; only the first 20 bytes change.
+        redis.call('SETRANGE', state.key, 0, header)
+      else
+        -- The newest bucket first, then the gap since the last charge as zeros, then the
+        -- buckets still in the window: at most span slots.
+        local rest = ''
+        if state.kept > 0 and state.age == 0 then
+          rest = string.sub(state.raw, HEADER + 5, HEADER + 4 * state.kept)
+        elseif state.kept > 0 then
+          rest = string.rep('\0\0\0\0', state.age - 1) .. string.sub(state.raw, HEADER + 1, HEADER + 4 * state.kept)
+        end
+        -- Every bucket has left the window once the newest one has: expire then.
+        redis.call('SET', state.key, header .. rest, 'PXAT', leaves_at(state, state.newest))
       end
-      head = math.min(head, MAX_SLOT)
-      local value = struct.pack('<dI4', state.newest, head) .. rest
-      -- Every bucket has left the window once the newest one has: expire then.
-      redis.call('SET', state.key, value, 'PXAT', leaves_at(state, state.newest))
     end
   end
 end
