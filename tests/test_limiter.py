@@ -14,7 +14,7 @@ from ratelimit.limiter import Backend, Role
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
 from tests.limiter_cases import counter, max_hits_in_any_window
-from tests.support.counters import held_hits, slot_count
+from tests.support.counters import add_hits, buckets_of, held_hits, slot_count
 
 T = TypeVar("T")
 BackendFactory = Callable[[], Backend]
@@ -335,3 +335,43 @@ def test_a_check_only_request_writes_nothing_to_redis(redis_url: str) -> None:
         assert held_hits(admin, used.key) == 1
     finally:
         admin.close()
+
+
+def test_a_clock_that_steps_back_charges_the_newest_bucket_held_in_memory() -> None:
+    """A counter's clock never goes back: hits made when the clock reads earlier than the
+    newest bucket held go to that bucket, so they leave no sooner than the hits before them."""
+    request = counter("clock-back", 10)
+    bucket_ms = request.window.bucket_ms
+    now_ms = [1_700_000_000_000]
+    backend = MemoryBackend(lambda: now_ms[0])
+    newest = now_ms[0] // bucket_ms
+    assert backend.evaluate_now([request]).admitted
+    now_ms[0] -= 5 * bucket_ms  # the clock steps back five buckets
+    decision = backend.evaluate_now([request])
+    assert decision.admitted and decision.results[0].used == 2
+    assert backend.raw_buckets(request.key) == {newest: 2}
+
+
+def test_a_clock_that_steps_back_charges_the_newest_bucket_held_in_redis(redis_url: str) -> None:
+    """The same on Redis: a counter whose newest bucket is ahead of Redis's clock (written
+    before Redis's clock stepped back) is charged in that bucket, and expires with it."""
+    request = counter("clock-back-redis", 10)
+    bucket_ms, span = request.window.bucket_ms, request.window.span
+    client = redis.Redis.from_url(redis_url)
+    try:
+        seconds, micros = client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        ahead = now_ms // bucket_ms + 3
+        add_hits(client, request.key, ahead, 1, span, ttl_ms=120_000)
+        client.pexpireat(request.key, (ahead + span) * bucket_ms)  # as a replica sets it: when that bucket leaves
+
+        async def scenario(backend: Backend) -> None:
+            decision = await backend.evaluate([request])
+            assert decision.admitted and decision.results[0].used == 2
+            assert buckets_of(client, request.key) == {ahead: 2}
+            leaves_ms = (ahead + span) * bucket_ms - decision.now_ms
+            assert leaves_ms - 5 <= client.pttl(request.key) <= leaves_ms
+
+        run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    finally:
+        client.close()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit.config.model import Algorithm, Unit
-from ratelimit.limiter import CounterRequest, Decision, Role
+from ratelimit.limiter import CounterRequest, CounterResult, Decision, Role
 from ratelimit.limiter.cache import OverLimitCache
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
@@ -334,3 +334,42 @@ def test_a_cached_answer_carries_the_store_clock(redis_url: str) -> None:
         asyncio.run(scenario())
     finally:
         admin.close()
+
+
+def test_a_cached_answer_carries_the_store_clock_when_it_is_not_this_machines() -> None:
+    """A store an hour ahead of this machine's wall clock (Redis on another host): the answer
+    given locally is stamped with the store's time, not with the local time."""
+    ahead_ms = 3_600_000
+    store = MemoryBackend(lambda: time.time_ns() // 1_000_000 + ahead_ms)
+    cache = OverLimitCache(store)
+    request = counter("elsewhere", 1)
+
+    async def scenario() -> tuple[int, Decision, int]:
+        await cache.evaluate([request])
+        assert not (await cache.evaluate([request])).admitted  # now known full
+        before = time.time_ns() // 1_000_000 + ahead_ms
+        local = await cache.evaluate([request])
+        return before, local, time.time_ns() // 1_000_000 + ahead_ms
+
+    before, local, after = asyncio.run(scenario())
+    assert not local.admitted
+    assert before - 2 <= local.now_ms <= after + 2
+
+
+class AlwaysFull(MemoryBackend):
+    """A store that finds every counter over its limit, with a minute to wait."""
+
+    async def evaluate(self, requests: Sequence[CounterRequest]) -> Decision:
+        results = tuple(CounterResult(over_limit=True, used=r.limit, reset_ms=60_000) for r in requests)
+        return Decision(admitted=False, now_ms=self._clock_ms(), results=results)
+
+
+def test_the_default_bound_is_the_readmes_100000_entries() -> None:
+    cache = OverLimitCache(AlwaysFull())
+
+    async def fill() -> None:
+        for index in range(100_001):
+            await cache.evaluate([counter(f"bound-{index}", 1)])
+
+    asyncio.run(fill())
+    assert len(cache) == 100_000  # README, "Memory bounds": --over-limit-cache-entries (100,000)
