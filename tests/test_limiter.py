@@ -14,7 +14,7 @@ from ratelimit.limiter import Backend, Role
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
 from tests.limiter_cases import counter, max_hits_in_any_window
-from tests.support.counters import add_hits, buckets_of, held_hits, slot_count
+from tests.support.counters import add_hits, buckets_of, encode, held_hits, slot_count
 
 T = TypeVar("T")
 BackendFactory = Callable[[], Backend]
@@ -371,6 +371,32 @@ def test_a_clock_that_steps_back_charges_the_newest_bucket_held_in_redis(redis_u
             assert buckets_of(client, request.key) == {ahead: 2}
             leaves_ms = (ahead + span) * bucket_ms - decision.now_ms
             assert leaves_ms - 5 <= client.pttl(request.key) <= leaves_ms
+
+        run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    finally:
+        client.close()
+
+
+def test_a_stored_counter_longer_than_its_window_counts_its_window_and_is_cut_to_it(redis_url: str) -> None:
+    """A counter holding more buckets than K + 1 (as one written with another bucket count
+    would) counts only the K + 1 newest, and its next charge cuts it to them."""
+    request = counter("too-long", 1_000)
+    bucket_ms, span = request.window.bucket_ms, request.window.span
+    client = redis.Redis.from_url(redis_url)
+    try:
+        seconds, micros = client.time()
+        current = (int(seconds) * 1000 + int(micros) // 1000) // bucket_ms
+        seeded = {current - age: 1 for age in range(span + 4)}
+        client.set(request.key, encode(seeded), px=120_000)
+
+        async def scenario(backend: Backend) -> None:
+            decision = await backend.evaluate([request])
+            now_bucket = decision.now_ms // bucket_ms  # `current`, unless a bucket began meanwhile
+            counted = {bucket: hits for bucket, hits in seeded.items() if bucket > now_bucket - span}
+            assert decision.admitted and decision.results[0].used == sum(counted.values()) + 1
+            counted[now_bucket] = counted.get(now_bucket, 0) + 1
+            assert buckets_of(client, request.key) == counted
+            assert slot_count(client, request.key) == span
 
         run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
     finally:

@@ -84,9 +84,10 @@ end
 
 -- Slot k (1 = newest) of a state holds bucket state.newest - state.age - (k - 1).
 -- The wait a status promises, from the buckets as they were before this request, measured
--- from now_ms exactly (see window.reset_ms): over the limit, until `need` hits fit;
--- otherwise until the oldest counted hit leaves (with none, until a hit made now would).
-local function reset_ms(state, limit, need, is_over)
+-- from now_ms exactly (see window.reset_ms): until `need` hits fit once the buckets up to
+-- this one have left. Within the limit that is the oldest counted hit (with none, a hit made
+-- now), since everything fits already; over it, the first bucket whose leaving makes room.
+local function reset_ms(state, limit, need)
   if state.sum == 0 then
     return leaves_at(state, state.newest) - now_ms
   end
@@ -96,7 +97,7 @@ local function reset_ms(state, limit, need, is_over)
     local hits = slot(state.raw, k)
     if hits > 0 then
       running = running - hits
-      if not is_over or running + need <= limit then
+      if running + need <= limit then
         return leaves_at(state, top - k + 1) - now_ms
       end
     end
@@ -122,7 +123,7 @@ for i = 1, count do
   through[i] = need
   used[i] = state.sum
   over[i] = state.sum + need > limit
-  resets[i] = reset_ms(state, limit, need, over[i])
+  resets[i] = reset_ms(state, limit, need)
   if over[i] and role == 1 then
     admitted = false
   elseif role == 2 then
