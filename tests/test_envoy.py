@@ -14,6 +14,7 @@ import pytest
 
 from tests.support.envoy import EnvoyProcess, front_proxy_config, running_envoy, running_upstream
 from tests.support.processes import free_port
+from tests.support.readme import fenced, readme_block
 from tests.support.replica import ReplicaProcess, running_replica
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,9 +192,7 @@ def test_a_replica_stopped_with_sigterm_and_a_shutdown_delay_fails_no_request_th
 
 
 def test_the_readme_envoy_example_runs_as_written(tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- envoy-example:start -->")[1].split("<!-- envoy-example:end -->")[0]
-    example = block.split("```yaml\n")[1].split("```")[0]
+    (example,) = fenced(readme_block("envoy-example"), "yaml")
     with running_upstream() as upstream_port:
         port, admin_port = free_port(), free_port()
         with running_replica(tmp_path, [DEMO_LIMITS]) as replica:
