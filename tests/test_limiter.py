@@ -344,12 +344,14 @@ def test_a_clock_that_steps_back_charges_the_newest_bucket_held_in_memory() -> N
     bucket_ms = request.window.bucket_ms
     now_ms = [1_700_000_000_000]
     backend = MemoryBackend(lambda: now_ms[0])
-    newest = now_ms[0] // bucket_ms
+    oldest = now_ms[0] // bucket_ms
     assert backend.evaluate_now([request]).admitted
-    now_ms[0] -= 5 * bucket_ms  # the clock steps back five buckets
+    now_ms[0] += 3 * bucket_ms
+    assert backend.evaluate_now([request]).admitted
+    now_ms[0] -= 8 * bucket_ms  # the clock steps back below both buckets held
     decision = backend.evaluate_now([request])
-    assert decision.admitted and decision.results[0].used == 2
-    assert backend.raw_buckets(request.key) == {newest: 2}
+    assert decision.admitted and decision.results[0].used == 3
+    assert backend.raw_buckets(request.key) == {oldest: 1, oldest + 3: 2}
 
 
 def test_a_clock_that_steps_back_charges_the_newest_bucket_held_in_redis(redis_url: str) -> None:

@@ -373,3 +373,15 @@ def test_the_default_bound_is_the_readmes_100000_entries() -> None:
 
     asyncio.run(fill())
     assert len(cache) == 100_000  # README, "Memory bounds": --over-limit-cache-entries (100,000)
+
+
+def test_a_counter_with_a_limit_of_zero_is_never_answered_from_the_cache() -> None:
+    """A limit of 0 refuses every request, and its reset ("until a hit made now would leave")
+    moves with the clock: a remembered one would shrink. The store answers each time."""
+    clock, store, cache = cached_pair()
+    closed = counter("closed", 0)
+    assert not asyncio.run(cache.evaluate([closed])).admitted
+    clock.now_ms += 10_000
+    assert asks_the_store(store, cache, [closed])
+    later = asyncio.run(cache.evaluate([closed]))
+    assert later.results[0].reset_ms == asyncio.run(store.evaluate([closed])).results[0].reset_ms
