@@ -19,7 +19,7 @@
 --             `span` in all (unsigned 32-bit little-endian, saturating at 2^32 - 1)
 -- A counter hit once is 20 bytes; one with hits in every bucket of its window, 16 + 4 * span.
 -- Buckets that left the window are cut off the end when the counter is next charged; a
--- read leaves them out. A decision costs GET, then, only when hits are charged, SETRANGE of
+-- read leaves them out. A decision costs one MGET, then, only when hits are charged, SETRANGE of
 -- the first 20 bytes (same bucket: the expiry stands) or SET ... PXAT (a new bucket). It
 -- reads the oldest counted bucket (for the reset) and the ones that just left, nothing else,
 -- unless it is over the limit (then the reset walks the buckets, oldest first).
@@ -56,9 +56,8 @@ local function slot(raw, k)
   return (struct.unpack('<I4', raw, HEADER + 4 * k - 3))
 end
 
-local function load(key, bucket_ms, span)
+local function load(key, raw, bucket_ms, span)
   local current = math.floor(now_ms / bucket_ms)
-  local raw = redis.call('GET', key)
   local state = {key = key, bucket_ms = bucket_ms, span = span, planned = 0, sum = 0, kept = 0,
                  stored = 0, age = 0, newest = current, raw = ''}
   if raw and #raw >= HEADER + 4 and (#raw - HEADER) % 4 == 0 then
@@ -105,6 +104,10 @@ local function reset_ms(state, limit, need)
   return leaves_at(state, state.newest) - now_ms -- a clear window: more hits than the limit never fit
 end
 
+-- Every counter in one read (a key named twice is read twice; the first read is used). A
+-- value that is not a counter of this layout (MGET gives other types as nil) counts as an
+-- empty counter, and a charge replaces it.
+local values = redis.call('MGET', unpack(KEYS))
 for i = 1, count do
   local base = (i - 1) * 5
   local limit = tonumber(ARGV[base + 1])
@@ -113,7 +116,7 @@ for i = 1, count do
   local key = KEYS[i]
   local state = states[key]
   if not state then
-    state = load(key, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]))
+    state = load(key, values[i], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]))
     states[key] = state
     order[#order + 1] = state
   end
