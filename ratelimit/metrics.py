@@ -175,8 +175,12 @@ class Metrics:
             self.rules(rule_labels)
 
 
-# The process figures a node of several workers exports as the sum over its processes.
-_SUMMED_PROCESS_METRICS = ("process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes")
+# What a node of several workers exports as the sum over its processes: (name, help, family).
+_SUMMED_PROCESS_METRICS = (
+    ("process_cpu_seconds", "Total user and system CPU time spent in seconds.", CounterMetricFamily),
+    ("process_resident_memory_bytes", "Resident memory size in bytes.", GaugeMetricFamily),
+    ("process_virtual_memory_bytes", "Virtual memory size in bytes.", GaugeMetricFamily),
+)
 
 
 class ProcessTreeCollector(Collector):
@@ -188,21 +192,14 @@ class ProcessTreeCollector(Collector):
         self._worker_pids = worker_pids
 
     def collect(self) -> Iterable[Any]:
-        totals = dict.fromkeys(_SUMMED_PROCESS_METRICS, 0.0)
+        totals = {name: 0.0 for name, _, _ in _SUMMED_PROCESS_METRICS}
         for pid in ["self", *self._worker_pids()]:
             # ProcessCollector reads /proc/PID; it yields nothing for a PID that is gone.
             for family in ProcessCollector(pid=functools.partial(str, pid), registry=None).collect():
                 if family.name in totals:
                     totals[family.name] += family.samples[0].value
-        yield CounterMetricFamily(
-            "process_cpu_seconds", "Total user and system CPU time spent in seconds.", totals["process_cpu_seconds"]
-        )
-        yield GaugeMetricFamily(
-            "process_resident_memory_bytes", "Resident memory size in bytes.", totals["process_resident_memory_bytes"]
-        )
-        yield GaugeMetricFamily(
-            "process_virtual_memory_bytes", "Virtual memory size in bytes.", totals["process_virtual_memory_bytes"]
-        )
+        for name, meaning, family_type in _SUMMED_PROCESS_METRICS:
+            yield family_type(name, meaning, value=totals[name])
 
 
 class MetricsExporter:

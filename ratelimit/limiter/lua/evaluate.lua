@@ -143,17 +143,19 @@ end
 if admitted then
   for _, state in ipairs(order) do
     if state.planned > 0 then
-      local first = state.kept > 0 and state.age == 0 and slot(state.raw, 1) or 0
+      -- Charged to the newest bucket stored (the same one, or newer than now's).
+      local same_bucket = state.kept > 0 and state.age == 0
+      local first = same_bucket and slot(state.raw, 1) or 0
       local head = math.min(first + state.planned, MAX_SLOT)
       local header = struct.pack('<ddI4', state.newest, state.sum + head - first, head)
-      if state.kept > 0 and state.age == 0 and state.kept == state.stored then
-        -- The same newest bucket: its expiry stands; only the first 20 bytes change.
+      if same_bucket and state.kept == state.stored then
+        -- Its expiry stands; only the first 20 bytes change.
         redis.call('SETRANGE', state.key, 0, header)
       else
         -- The newest bucket first, then the gap since the last charge as zeros, then the
         -- buckets still in the window: at most span slots.
         local rest = ''
-        if state.kept > 0 and state.age == 0 then
+        if same_bucket then
           rest = string.sub(state.raw, HEADER + 5, HEADER + 4 * state.kept)
         elseif state.kept > 0 then
           rest = string.rep('\0\0\0\0', state.age - 1) .. string.sub(state.raw, HEADER + 1, HEADER + 4 * state.kept)
