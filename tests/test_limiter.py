@@ -403,3 +403,24 @@ def test_a_stored_counter_longer_than_its_window_counts_its_window_and_is_cut_to
         run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
     finally:
         client.close()
+
+
+def test_a_bucket_saturates_at_the_uint32_ceiling_and_the_stored_sum_stays_its_buckets(redis_url: str) -> None:
+    """Shadow counters are charged even when over, so a hostile addend (capped at limit + 1 =
+    2^32 by the service) on the largest limit overflows a 4-byte bucket: it saturates, the stored
+    sum stays the sum of the buckets (the decoder checks it), and the counter still says over."""
+    limit = 2**32 - 1
+    request = counter("saturated", limit, hits=limit + 1, role=Role.SHADOW)
+    client = redis.Redis.from_url(redis_url)
+
+    async def scenario(backend: Backend) -> None:
+        for _ in range(3):
+            decision = await backend.evaluate([request])
+            assert decision.admitted  # a shadow counter never rejects
+        assert set(buckets_of(client, request.key).values()) == {limit}  # one bucket, or two if a new one began
+        assert (await backend.evaluate([request])).results[0].over_limit
+
+    try:
+        run(lambda: RedisBackend(redis_url, timeout_s=1.0), scenario)
+    finally:
+        client.close()
