@@ -18,6 +18,7 @@ from ratelimit.limiter import Backend, BackendError
 from ratelimit.limiter.breaker import CircuitBreaker, CircuitState
 from ratelimit.limiter.cache import OverLimitCache
 from ratelimit.limiter.memory import MemoryBackend
+from ratelimit.limiter.pipeline_window import PipelineWindow
 from ratelimit.limiter.redis_backend import RedisBackend
 from ratelimit.metrics import Metrics, MetricsExporter
 from ratelimit.reload import ConfigHolder
@@ -69,6 +70,7 @@ def make_store(settings: Settings, metrics: Metrics) -> tuple[Backend, CircuitBr
         batching=settings.redis_batching,
         connection_options=redis_tls_options(settings),
         on_round_trip=metrics.backend_duration.observe,
+        pipeline_window=PipelineWindow(settings.redis_pipeline_window_us / 1e6, settings.redis_pipeline_limit),
     )
     breaker = CircuitBreaker(
         redis, failure_threshold=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_ms / 1000

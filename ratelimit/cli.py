@@ -14,7 +14,15 @@ import grpc
 from ratelimit import __version__
 from ratelimit.client import parse_descriptor
 from ratelimit.config import ConfigError, InvalidConfig, check_config
-from ratelimit.settings import HelpFormatter, Settings, add_option, add_serve_arguments, option, settings_from_args
+from ratelimit.settings import (
+    HelpFormatter,
+    Settings,
+    add_option,
+    add_serve_arguments,
+    check_settings,
+    option,
+    settings_from_args,
+)
 from ratelimit.tracing import check_tracing
 
 
@@ -62,6 +70,11 @@ def run_serve(settings: Settings) -> int:
             " or set RATELIMIT_CONFIG",
             file=sys.stderr,
         )
+        return 2
+    try:
+        check_settings(settings)
+    except ValueError as exc:
+        print(f"ratelimit: {exc}", file=sys.stderr)
         return 2
     if settings.workers > 1:
         # The workers load the config themselves; checking it here stops a bad one, with

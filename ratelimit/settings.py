@@ -38,6 +38,26 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _bounded(kind: Callable[[str], float], low: float, high: float) -> Callable[[str], Any]:
+    """A number parser that refuses values outside [low, high] (and NaN)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not between {low:g} and {high:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# A pipeline window past this is no longer a batching delay but an outage of its own.
+MAX_PIPELINE_WINDOW_US = 10_000.0
+
+
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -87,6 +107,20 @@ OPTIONS: tuple[Option, ...] = (
         True,
         "while two writes to Redis await replies, send the script calls that queue meanwhile in one write",
         _bool,
+    ),
+    Option(
+        "--redis-pipeline-window-us",
+        0.0,
+        "with batching, hold a script call up to this long (microseconds) when the previous one came less "
+        "than this long ago, so that calls close together share one write to Redis (less Redis and server "
+        "CPU under load, up to this much latency); a call after a quiet spell goes at once; 0: off",
+        _bounded(float, 0.0, MAX_PIPELINE_WINDOW_US),
+    ),
+    Option(
+        "--redis-pipeline-limit",
+        0,
+        "with a pipeline window: send the calls held as soon as this many are (0: no limit)",
+        _bounded(int, 0, 1_000_000),
     ),
     Option("--over-limit-cache", True, "answer requests for counters known full locally, until Redis's reset", _bool),
     Option(
@@ -183,6 +217,8 @@ class Settings:
     breaker_failures: int
     breaker_cooldown_ms: float
     redis_batching: bool
+    redis_pipeline_window_us: float
+    redis_pipeline_limit: int
     over_limit_cache: bool
     over_limit_cache_entries: int
     workers: int
@@ -352,6 +388,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     values["config"] = tuple(values["config"] or ())
     values["on_backend_error"] = FailureMode(values["on_backend_error"])
     return Settings(**values)
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse settings that contradict each other (ValueError naming the flags)."""
+    if settings.redis_pipeline_window_us >= settings.redis_timeout_ms * 1000:
+        raise ValueError(
+            f"--redis-pipeline-window-us {settings.redis_pipeline_window_us:g} must be below "
+            f"--redis-timeout-ms {settings.redis_timeout_ms:g} (in microseconds, "
+            f"{settings.redis_timeout_ms * 1000:g}): a call held that long would time out unsent"
+        )
 
 
 def settings_from_environment(environ: Mapping[str, str] | None = None, argv: Sequence[str] = ()) -> Settings:

@@ -5,7 +5,8 @@ through a retry wrapper and a StreamReader, and wakes a task of its own; the ser
 that at a tenth of the server's CPU, more than this project's own code. Here a call is one
 packed command and one future. It goes out at once, or, while writes are waiting for their
 replies, together with the other calls that queued meanwhile (Redis answers pipelined commands
-in order). One `data_received` parses the replies of a whole write and resolves their futures
+in order), or, with a pipeline window (`pipeline_window`), together with the calls that come
+within the window. One `data_received` parses the replies of a whole write and resolves their futures
 directly, with no task in between.
 
 Failures reach callers as BackendError with a bounded kind:
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterable, cast
 
 import hiredis
 
+from ratelimit.limiter.pipeline_window import PipelineWindow
 from ratelimit.limiter.types import BackendError
 
 DEFAULT_PORT = 6379  # the IANA port of Redis
@@ -151,6 +153,8 @@ class PipelinedRedis:
     replies. Beyond that, commands queue; with `batching`, the queue leaves in one write at
     the end of the loop turn or when a write is answered, whichever allows it first (so
     batches grow with the load, and a light load pays no wait); without, one write each.
+    With a `window` (batching only), a call that the window holds queues too, and the queue
+    leaves when the window ends or fills; a write answered meanwhile does not end it.
     The bound also limits what a frozen Redis can be handed: queued commands whose callers
     gave up are never sent, so they can never be carried out later without an answer.
     """
@@ -163,6 +167,7 @@ class PipelinedRedis:
         batching: bool = True,
         max_writes_in_flight: int = 2,
         stale_after_s: float | None = None,
+        window: PipelineWindow | None = None,
     ) -> None:
         self._endpoint = endpoint
         self._timeout_s = timeout_s
@@ -173,7 +178,10 @@ class PipelinedRedis:
         self._connecting: asyncio.Task[None] | None = None
         self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._unarmed: list[asyncio.Future[Any]] = []  # queued calls without a deadline timer yet
+        self._unarmed_since = 0.0  # loop time the oldest of them was queued
         self._flush_scheduled = False
+        self._window = window if batching and window is not None and window.enabled else None
+        self._window_end: asyncio.TimerHandle | None = None  # set while a window holds the queue
         self.round_trips = 0  # writes of commands (one per batch)
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
@@ -181,15 +189,28 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         connection = self._connection
-        if connection is not None and not self._queue and connection.batches_in_flight < self._max_writes_in_flight:
+        held = self._window is not None and self._window.hold(loop.time())
+        if (
+            connection is not None
+            and not self._queue
+            and not held
+            and connection.batches_in_flight < self._max_writes_in_flight
+        ):
             # Nothing to wait for: out at once (under light load every call goes this way).
             self._write(connection, command, [future])
             loop.call_later(self._timeout_s, self._expire, [future])
             return future
         self._queue.append((command, future))
+        if not self._unarmed:
+            self._unarmed_since = loop.time()
         self._unarmed.append(future)
         if not self._batching:
             self._flush()
+        elif self._window is not None and (held or self._window_end is not None):
+            if self._window.full(len(self._queue)):
+                self._end_window()
+            elif self._window_end is None:
+                self._window_end = loop.call_later(self._window.window_s, self._end_window)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -199,11 +220,24 @@ class PipelinedRedis:
         """One command, its reply returned (an error reply raised as RedisReplyError)."""
         return await self.send(pack_command(*args))
 
+    def _end_window(self) -> None:
+        if self._window_end is not None:
+            self._window_end.cancel()
+            self._window_end = None
+        self._flush()
+
+    def _batch_answered(self) -> None:
+        if self._window_end is None:  # a window still open keeps its calls until it ends
+            self._flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self._unarmed:
-            # One timer per batch instead of one per call.
-            asyncio.get_running_loop().call_later(self._timeout_s, self._expire, self._unarmed)
+            # One timer per batch instead of one per call, from when its oldest call was made:
+            # a call held by a window gets no more than its own deadline.
+            loop = asyncio.get_running_loop()
+            waited = loop.time() - self._unarmed_since
+            loop.call_later(max(self._timeout_s - waited, 0.0), self._expire, self._unarmed)
             self._unarmed = []
         connection = self._connection
         if connection is None:
@@ -284,13 +318,16 @@ class PipelinedRedis:
         _fail((future for _, future in queue), error)
 
     def _new_connection(self) -> _Connection:
-        return _Connection(self._lost, self._flush)
+        return _Connection(self._lost, self._batch_answered)
 
     def _lost(self, connection: _Connection) -> None:
         if self._connection is connection:
             self._connection = None
 
     async def close(self) -> None:
+        if self._window_end is not None:
+            self._window_end.cancel()
+            self._window_end = None
         if self._connecting is not None:
             self._connecting.cancel()
         if self._connection is not None:

@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from ratelimit.limiter.pipeline_window import PipelineWindow
 from ratelimit.limiter.pipelined import PipelinedRedis, RedisReplyError, pack_command
 from ratelimit.limiter.redis_connect import endpoint_from_url, parse_target
 from ratelimit.limiter.redis_py_scripts import RedisPyScripts
@@ -44,6 +45,8 @@ class RedisBackend(Backend):
     `max_connections` sizes redis-py's pools (Cluster, Sentinel). One server needs one
     connection, as Redis answers pipelined calls in order; there it bounds the calls out at
     once when batching is off (batches: two writes out at once).
+    `pipeline_window` (batching only) holds calls that come close together so that they share
+    a write (see `pipeline_window`); a cluster sends each call alone, so it has none there.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class RedisBackend(Backend):
         batching: bool = True,
         connection_options: Mapping[str, Any] | None = None,
         on_round_trip: Callable[[float], None] | None = None,
+        pipeline_window: PipelineWindow | None = None,
     ) -> None:
         options = connection_options or {}
         # Called with the seconds of each script call that went to Redis (failed ones too):
@@ -65,11 +69,21 @@ class RedisBackend(Backend):
         self._runner: ScriptRunner
         if target.kind == "single":
             self._runner = PipelinedScripts(
-                parsed, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
+                parsed,
+                timeout_s=timeout_s,
+                max_connections=max_connections,
+                batching=batching,
+                options=options,
+                window=pipeline_window,
             )
         else:
             self._runner = RedisPyScripts(
-                target, timeout_s=timeout_s, max_connections=max_connections, batching=batching, options=options
+                target,
+                timeout_s=timeout_s,
+                max_connections=max_connections,
+                batching=batching,
+                options=options,
+                window=pipeline_window,
             )
 
     @property
@@ -104,13 +118,21 @@ class PipelinedScripts:
     """The script over one server's pipelined connection."""
 
     def __init__(
-        self, url: RedisUrl, *, timeout_s: float, max_connections: int, batching: bool, options: Mapping[str, Any]
+        self,
+        url: RedisUrl,
+        *,
+        timeout_s: float,
+        max_connections: int,
+        batching: bool,
+        options: Mapping[str, Any],
+        window: PipelineWindow | None = None,
     ) -> None:
         self._redis = PipelinedRedis(
             endpoint_from_url(url, options),
             timeout_s=timeout_s,
             batching=batching,
             max_writes_in_flight=2 if batching else max_connections,
+            window=window,
         )
         self._timeout_s = timeout_s
 

@@ -2,9 +2,10 @@
 
 redis-py follows MOVED/ASK and slot migrations on a cluster and asks the sentinels for the
 primary after a failover. With batching on (Sentinel), the EVALSHAs of all requests that
-arrive in one event-loop turn go out in one pipeline, each still its own atomic script
-call; redis-py refuses script calls in cluster pipelines, so on a cluster each request is its
-own EVALSHA to the node of its slot. redis-py's exceptions are translated here, once.
+arrive in one event-loop turn (or, with a pipeline window, within the window) go out in one
+pipeline, each still its own atomic script call; redis-py refuses script calls in cluster
+pipelines, so on a cluster each request is its own EVALSHA to the node of its slot. redis-py's
+exceptions are translated here, once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Awaitable, Mapping
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
+from ratelimit.limiter.pipeline_window import PipelineWindow
 from ratelimit.limiter.redis_connect import RedisTarget, make_client
 from ratelimit.limiter.script import SCRIPT_SHA, SCRIPT_SOURCE, with_script_loaded
 from ratelimit.limiter.types import BackendError
@@ -33,6 +35,7 @@ class RedisPyScripts:
         max_connections: int,
         batching: bool,
         options: Mapping[str, Any],
+        window: PipelineWindow | None = None,
     ) -> None:
         floor_s = max(timeout_s, 0.05)  # redis-py's socket timeouts below this fail healthy calls
         self._client = make_client(target, timeout_s=floor_s, max_connections=max_connections, options=options)
@@ -41,6 +44,8 @@ class RedisPyScripts:
         self._pending: list[_Call] = []
         self._flushes: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
+        self._window = window if window is not None and window.enabled else None
+        self._window_end: asyncio.TimerHandle | None = None  # set while a window holds the queue
         self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
 
     async def run(self, keys: list[str], args: list[int]) -> Any:
@@ -48,8 +53,16 @@ class RedisPyScripts:
         return await self._guarded(with_script_loaded(lambda: send(keys, args), self._load, _is_noscript))
 
     async def _batched(self, keys: list[str], args: list[int]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Call(keys, args, future))
+        window = self._window
+        if window is not None:
+            if window.hold(loop.time()) and not self._flush_scheduled:
+                self._flush_scheduled = True  # by the window's end, not this loop turn's
+                self._window_end = loop.call_later(window.window_s, self._end_window)
+            elif self._window_end is not None and window.full(len(self._pending)):
+                self._end_window()
         self._schedule_flush()
         return await future
 
@@ -59,6 +72,13 @@ class RedisPyScripts:
         if self._pending and not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def _end_window(self) -> None:
+        if self._window_end is not None:
+            self._window_end.cancel()
+            self._window_end = None
+        self._flush_scheduled = False
+        self._schedule_flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -128,6 +148,8 @@ class RedisPyScripts:
             raise BackendError("connection", f"redis not ready: {exc}") from exc
 
     async def close(self) -> None:
+        if self._window_end is not None:
+            self._window_end.cancel()
         for task in list(self._flushes):
             task.cancel()
         if isinstance(self._client, RedisCluster):

@@ -12,6 +12,7 @@ from benchlib.procs import PROJECT_ROOT, python_command
 # The optimisation flags each row sets; a build without one of them skips the rows that need it.
 OPTIMISATION_FLAGS = ("redis-batching", "over-limit-cache", "workers", "event-loop")
 HEADLINE = "batch+cache"
+WINDOW = "window 1ms"  # HEADLINE's flags with --redis-pipeline-window-us 1000
 CLUSTER = "cluster"  # the variant on the 3-primary/3-replica Redis Cluster (HEADLINE's flags)
 TRACING_ON = "tracing on"  # HEADLINE's flags with every call traced, spans sent to the run's receiver
 SAMPLED_OUT = "sampled out"  # tracing on at --trace-sampling-ratio 0: spans made, none kept
@@ -36,6 +37,7 @@ class ServerSpec:
     redis: str = "single"  # "single": the run's redis-server; "cluster": its Redis Cluster
     trace_sampling_ratio: float | None = None  # tracing on at this ratio (to the run's receiver); None: off
     revision: str | None = None  # a git revision whose server runs (from a checkout of it); None: this tree
+    pipeline_window_us: float = 0.0  # --redis-pipeline-window-us; 0: the server's default (off)
 
     @property
     def name(self) -> str:
@@ -53,6 +55,15 @@ PLAN = (
     ServerSpec("ceiling", "asyncio", scenarios=("1 desc", "4 desc"), sweep=True),
     ServerSpec("naive", "asyncio", scenarios=ALL_SCENARIOS, quick_scenarios=("1 desc", "4 desc"), sweep=True),
     ServerSpec("project", HEADLINE, scenarios=ALL_SCENARIOS, quick_scenarios=ALL_SCENARIOS, sweep=True),
+    ServerSpec(
+        "project",
+        WINDOW,
+        pipeline_window_us=1000,
+        scenarios=("1 desc", "4 desc"),
+        quick_scenarios=("1 desc", "4 desc"),
+        sweep=True,
+        needs=("redis-pipeline-window-us",),
+    ),
     ServerSpec("project", "batching off", batching=False, scenarios=("1 desc", "4 desc"), needs=("redis-batching",)),
     ServerSpec(
         "project",
@@ -155,6 +166,8 @@ def command_line(
             command += [f"--{flag}", values[flag]]
     if redis_timeout_ms is not None:
         command += ["--redis-timeout-ms", f"{redis_timeout_ms:g}"]
+    if spec.pipeline_window_us:
+        command += ["--redis-pipeline-window-us", f"{spec.pipeline_window_us:g}"]
     if spec.trace_sampling_ratio is not None and otlp_endpoint:
         command += ["--otlp-endpoint", otlp_endpoint, "--trace-sampling-ratio", f"{spec.trace_sampling_ratio:g}"]
     return command

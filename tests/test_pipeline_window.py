@@ -1,0 +1,251 @@
+"""The pipeline window: calls close together share a write, a call after a quiet spell goes at
+once, a held call waits at most the window (or until the limit) and never past its deadline.
+Against a real redis-server (one server) and a real Sentinel group (redis-py's path)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis
+
+from ratelimit.client import AsyncRateLimitClient
+from ratelimit.config.model import Algorithm
+from ratelimit.limiter import BackendError
+from ratelimit.limiter.pipeline_window import PipelineWindow
+from ratelimit.limiter.pipelined import Endpoint, PipelinedRedis
+from ratelimit.limiter.redis_backend import RedisBackend
+from ratelimit.limiter.types import CounterRequest, WindowSpec
+from tests.support.processes import RedisServer
+from tests.support.redis_topologies import SentinelTopology, running_sentinel_group
+from tests.support.replica import running_replica
+
+CALLS = 20
+
+
+def reads_by(admin: redis.Redis) -> int:
+    return int(admin.info("stats")["total_reads_processed"])
+
+
+async def calls_one_per_turn(client: PipelinedRedis, count: int, key: str) -> list[Any]:
+    """`count` calls, each in a loop turn of its own (as grpc.aio hands them over), close together."""
+    calls = []
+    for _ in range(count):
+        calls.append(asyncio.ensure_future(client.execute("INCR", key)))
+        await asyncio.sleep(0)
+    return await asyncio.gather(*calls)
+
+
+def run_client(endpoint: Endpoint, scenario: Any, *, window: PipelineWindow | None, timeout_s: float = 1.0) -> Any:
+    async def main() -> Any:
+        client = PipelinedRedis(endpoint, timeout_s=timeout_s, window=window)
+        try:
+            return await scenario(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def test_calls_close_together_share_one_write_and_keep_their_order(redis_server: RedisServer, redis_url: str) -> None:
+    endpoint = Endpoint(port=redis_server.port)
+    admin = redis.Redis(port=redis_server.port)
+
+    async def scenario(client: PipelinedRedis) -> tuple[list[Any], int, int]:
+        await client.execute("PING")
+        await asyncio.sleep(0.3)  # a quiet spell: the next call goes at once
+        before, reads_before = client.round_trips, reads_by(admin)
+        replies = await calls_one_per_turn(client, CALLS, "windowed")
+        # The second INFO is one read of its own.
+        return replies, client.round_trips - before, reads_by(admin) - reads_before - 1
+
+    try:
+        replies, writes, reads = run_client(endpoint, scenario, window=PipelineWindow(0.2))
+    finally:
+        admin.close()
+    assert replies == list(range(1, CALLS + 1))
+    assert writes == 2  # the first at once, the other 19 when the window ends
+    assert 1 <= reads <= 2  # seen from Redis too
+
+    async def unwindowed(client: PipelinedRedis) -> int:
+        await client.execute("PING")
+        before = client.round_trips
+        await calls_one_per_turn(client, CALLS, "unwindowed")
+        return client.round_trips - before
+
+    # The same calls without a window: two go at once, the rest as replies come back (how many
+    # writes that takes depends on how fast Redis answers; always more than two).
+    assert run_client(endpoint, unwindowed, window=None) > 2
+
+
+def test_a_call_after_a_quiet_spell_goes_at_once_and_a_held_one_waits_the_window(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    window_s = 0.3
+
+    async def scenario(client: PipelinedRedis) -> tuple[float, float]:
+        await client.execute("PING")
+        await asyncio.sleep(window_s * 1.5)
+        started = time.monotonic()
+        first = asyncio.ensure_future(client.execute("PING"))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(client.execute("PING"))
+        await first
+        first_s = time.monotonic() - started
+        await second
+        return first_s, time.monotonic() - started
+
+    first_s, second_s = run_client(Endpoint(port=redis_server.port), scenario, window=PipelineWindow(window_s))
+    assert first_s < window_s / 2  # not held: nothing came within a window before it
+    assert window_s * 0.9 <= second_s < window_s * 2  # held for the window, then sent
+
+
+def test_the_limit_sends_the_calls_held_before_the_window_ends(redis_server: RedisServer, redis_url: str) -> None:
+    async def scenario(client: PipelinedRedis) -> tuple[list[Any], int, float]:
+        await client.execute("PING")
+        await asyncio.sleep(1.1)  # a quiet spell longer than the window
+        before, started = client.round_trips, time.monotonic()
+        replies = await calls_one_per_turn(client, 1 + 5, "limited")  # one at once, five held
+        return replies, client.round_trips - before, time.monotonic() - started
+
+    replies, writes, took_s = run_client(
+        Endpoint(port=redis_server.port), scenario, window=PipelineWindow(1.0, limit=5), timeout_s=3.0
+    )
+    assert replies == list(range(1, 7))
+    assert writes == 2
+    assert took_s < 0.5  # the fifth held call sent them all, long before the window's end
+
+
+def test_a_held_call_fails_at_its_own_deadline_not_the_windows_end_plus_the_timeout(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    admin = redis.Redis(port=redis_server.port)
+
+    async def scenario(client: PipelinedRedis) -> tuple[list[Any], float]:
+        await client.execute("PING")  # connected
+        await asyncio.sleep(0.2)  # a quiet spell longer than the window
+        admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")  # Redis answers nobody for 1 s
+        first = asyncio.ensure_future(client.execute("PING"))  # goes at once
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        held = asyncio.ensure_future(client.execute("PING"))  # held for the window, then sent
+        outcomes = await asyncio.gather(first, held, return_exceptions=True)
+        return outcomes, time.monotonic() - started
+
+    try:
+        outcomes, took_s = run_client(
+            Endpoint(port=redis_server.port), scenario, window=PipelineWindow(0.15), timeout_s=0.2
+        )
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert all(isinstance(outcome, BackendError) and outcome.kind == "timeout" for outcome in outcomes)
+    assert 0.19 <= took_s < 0.3  # 0.2 s from the call; 0.35 s if the window's wait were not counted
+
+
+def test_windows_that_are_not_numbers_of_seconds_or_limits_below_zero_are_refused() -> None:
+    for window_s in (-0.001, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="pipeline window"):
+            PipelineWindow(window_s)
+    with pytest.raises(ValueError, match="pipeline limit"):
+        PipelineWindow(0.001, limit=-1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--redis-pipeline-window-us", "20000"], "--redis-pipeline-window-us: '20000' is not between 0 and 10000"),
+        (["--redis-pipeline-window-us", "nan"], "--redis-pipeline-window-us: 'nan' is not between 0 and 10000"),
+        (["--redis-pipeline-limit", "-1"], "--redis-pipeline-limit: '-1' is not between 0 and 1e+06"),
+        (
+            ["--redis-pipeline-window-us", "6000", "--redis-timeout-ms", "5"],
+            "--redis-pipeline-window-us 6000 must be below --redis-timeout-ms 5",
+        ),
+    ],
+)
+def test_serve_refuses_a_window_it_cannot_honour_in_one_line(tmp_path: Any, flags: list[str], message: str) -> None:
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: 1}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "ratelimit", "serve", "--config", str(limits), *flags],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def sentinel_group() -> Iterator[SentinelTopology]:
+    with running_sentinel_group(replicas=0, sentinels=1) as topology:
+        yield topology
+
+
+@pytest.mark.parametrize("store", ["one server", "sentinel"])
+def test_decisions_close_together_share_one_write_and_each_counts_once(
+    store: str, redis_url: str, request: pytest.FixtureRequest
+) -> None:
+    if store == "sentinel":
+        group: SentinelTopology = request.getfixturevalue("sentinel_group")
+        url = group.url
+        group.current_primary().client().flushall()
+    else:
+        url = redis_url
+    window = WindowSpec.for_rule(Algorithm.SLIDING_WINDOW, 60)
+
+    async def scenario() -> tuple[list[int], int]:
+        backend = RedisBackend(url, timeout_s=1.0, pipeline_window=PipelineWindow(0.2))
+        try:
+            await backend.prepare()
+            await asyncio.sleep(0.3)  # a quiet spell: the next call goes at once
+            before = backend.round_trips
+            calls = []
+            for _ in range(CALLS):
+                request = CounterRequest(key="windowed-decisions", limit=1000, window=window, hits=1)
+                calls.append(asyncio.ensure_future(backend.evaluate([request])))
+                await asyncio.sleep(0)
+            decisions = await asyncio.gather(*calls)
+            return sorted(decision.results[0].used for decision in decisions), backend.round_trips - before
+        finally:
+            await backend.close()
+
+    used, round_trips = asyncio.run(scenario())
+    assert used == list(range(1, CALLS + 1))  # every call counted once, all-or-nothing each
+    assert round_trips == 2  # the first alone, the other 19 together when the window ends
+
+
+def test_a_replica_with_a_window_answers_concurrent_calls_in_fewer_redis_reads(
+    tmp_path: Path, redis_server: RedisServer, redis_url: str
+) -> None:
+    calls = 30
+    admin = redis.Redis(port=redis_server.port)
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 5}\n")
+    extra = ["--redis-pipeline-window-us", "9000", "--over-limit-cache", "false"]
+
+    async def burst(target: str) -> list[str]:
+        async with AsyncRateLimitClient(target, timeout_s=5) as client:
+            await client.should_rate_limit("d", [[("user", "warm-up")]])  # connected, script loaded
+            await asyncio.sleep(0.1)
+            before = int(admin.info("stats")["total_reads_processed"])
+            results = await asyncio.gather(
+                *(client.should_rate_limit("d", [[("user", "burst")]]) for _ in range(calls))
+            )
+            reads.append(int(admin.info("stats")["total_reads_processed"]) - before - 1)
+            return [result.overall_code for result in results]
+
+    reads: list[int] = []
+    try:
+        with running_replica(tmp_path, [limits], redis_url=redis_url, extra_args=extra) as replica:
+            codes = asyncio.run(burst(replica.target))
+    finally:
+        admin.close()
+    assert sorted(codes) == ["OK"] * 5 + ["OVER_LIMIT"] * (calls - 5)  # one counter, exactly its limit
+    assert reads[0] <= calls // 3, reads  # the calls shared writes; without a window, most go alone
