@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     state_rounds = 1 if options.quick else 3
     state_table, state = statecost.run(options.baseline_rev, rounds=state_rounds, seconds=1.0, log=bench.log)
     attach_ratios(bench)
-    found = report.targets(bench.closed, bench.sweep, bench.library, (HEADLINE, WINDOW))
+    found = report.targets(bench.closed, bench.sweep, bench.library, (HEADLINE, WINDOW), {WINDOW: HEADLINE})
     cluster = cluster_comparison(bench)
     tracing = report.tracing_lines(bench.closed, HEADLINE, TRACING_ROWS[:1], spans)
     print(summary_text(bench, found, cluster, tracing))

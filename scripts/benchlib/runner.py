@@ -248,30 +248,30 @@ class Bench:
             self.closed.append(Measurement.pooled(labels, samples[index], self.in_flight))
 
     def open_loop(self) -> None:
-        """Per contender, 1 descriptor at fractions of its own closed-loop peak."""
+        """Per contender, 1 descriptor at fractions of its own closed-loop peak (or of the variant's
+        its spec names, so that two variants are compared at the same offered rates). Interleaved:
+        each fraction on every server in turn, so a slow spell of the machine hits no one row."""
         shape = LoadShape(self.options.concurrency, 0.5, self.options.sweep_s)
+        swept: list[tuple[RunningServer, float]] = []
         for server in self.servers:
             spec = server.spec
-            peak = next(
-                (
-                    m
-                    for m in self.closed
-                    if (m.contender, m.variant, m.scenario) == (spec.contender, spec.variant, "1 desc")
-                ),
-                None,
-            )
-            if not spec.sweep or peak is None or peak.requests_per_s <= 0:
-                continue
-            for fraction in SWEEP_FRACTIONS:
-                rate = peak.requests_per_s * fraction
+            labels = (spec.contender, spec.sweep_rates_of or spec.variant, "1 desc")
+            peak = next((m for m in self.closed if (m.contender, m.variant, m.scenario) == labels), None)
+            if spec.sweep and peak is not None and peak.requests_per_s > 0:
+                swept.append((server, peak.requests_per_s))
+        by_server: dict[int, list[Measurement]] = {index: [] for index in range(len(swept))}
+        for fraction in SWEEP_FRACTIONS:
+            for index, (server, peak_rate) in enumerate(swept):
+                spec, rate = server.spec, peak_rate * fraction
                 measured = Measurement.pooled(
                     (spec.contender, spec.variant, "1 desc"), [self.sample(server, "1 desc", shape, rate)], 0, rate
                 )
-                self.sweep.append(measured)
+                by_server[index].append(measured)
                 self.log(
                     f"open loop {spec.name}: {rate:,.0f}/s offered, {measured.requests_per_s:,.0f}/s done, "
                     f"p99 {measured.p99_ms:.2f} ms"
                 )
+        self.sweep += [measured for index in range(len(swept)) for measured in by_server[index]]
 
     def profiled(self, variant: str) -> None:
         """An extra 1-desc phase under py-spy; its numbers stay out of the table (py-spy slows the server)."""

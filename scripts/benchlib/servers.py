@@ -33,6 +33,7 @@ class ServerSpec:
     scenarios: tuple[str, ...] = ("1 desc",)
     quick_scenarios: tuple[str, ...] = ("1 desc",)
     sweep: bool = False  # also run the open-loop sweep (1 desc) on this server
+    sweep_rates_of: str | None = None  # sweep at the rates of this variant's peak (same contender); None: its own
     needs: tuple[str, ...] = ()  # serve flags this variant depends on
     redis: str = "single"  # "single": the run's redis-server; "cluster": its Redis Cluster
     trace_sampling_ratio: float | None = None  # tracing on at this ratio (to the run's receiver); None: off
@@ -62,6 +63,7 @@ PLAN = (
         scenarios=("1 desc", "4 desc"),
         quick_scenarios=("1 desc", "4 desc"),
         sweep=True,
+        sweep_rates_of=HEADLINE,  # the same offered rates as the defaults: latency at equal load
         needs=("redis-pipeline-window-us",),
     ),
     ServerSpec("project", "batching off", batching=False, scenarios=("1 desc", "4 desc"), needs=("redis-batching",)),
