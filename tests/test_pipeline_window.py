@@ -148,6 +148,19 @@ def test_a_held_call_fails_at_its_own_deadline_not_the_windows_end_plus_the_time
     assert 0.19 <= took_s < 0.3  # 0.2 s from the call; 0.35 s if the window's wait were not counted
 
 
+def test_the_rules_hold_a_call_within_a_window_of_the_previous_one_and_fill_at_the_limit() -> None:
+    window = PipelineWindow(0.5, limit=3)  # times exact in binary: the edge is the edge
+    assert window.enabled
+    assert not window.hold(10.0)  # the first call: nothing came before it
+    assert window.hold(10.25)  # a quarter-window after the previous one
+    assert not window.hold(10.75)  # exactly a window after the previous one: a quiet spell
+    assert [window.full(held) for held in (0, 1, 2, 3, 4)] == [False, False, False, True, True]
+    assert PipelineWindow(0.5, limit=1).full(1)  # a limit of one: every call goes at once
+    assert not PipelineWindow(0.5).full(10**6)  # 0: no limit
+    off = PipelineWindow(0.0)  # the default: accepted, and off
+    assert not off.enabled
+
+
 def test_windows_that_are_not_numbers_of_seconds_or_limits_below_zero_are_refused() -> None:
     for window_s in (-0.001, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="pipeline window"):

@@ -71,6 +71,7 @@ TARGETS = (
         ("--deselect=tests/test_over_limit_cache.py::test_eviction_is_constant_time_with_many_distinct_full_counters",),
     ),
     Target("ratelimit/limiter/breaker.py", ("tests/test_breaker.py", "tests/test_breaker_probe.py")),
+    Target("ratelimit/limiter/pipeline_window.py", ("tests/test_pipeline_window.py",)),
     Target(
         "ratelimit/config/matcher.py",
         (
