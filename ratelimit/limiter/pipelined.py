@@ -6,8 +6,8 @@ that at a tenth of the server's CPU, more than this project's own code. Here a c
 packed command and one future. It goes out at once, or, while writes are waiting for their
 replies, together with the other calls that queued meanwhile (Redis answers pipelined commands
 in order), or, with a pipeline window (`pipeline_window`), together with the calls that come
-within the window. One `data_received` parses the replies of a whole write and resolves their futures
-directly, with no task in between.
+within the window. One `data_received` parses the replies of a whole write and resolves their
+futures directly, with no task in between.
 
 Failures reach callers as BackendError with a bounded kind:
 - "timeout": no reply within `timeout_s` of the call (connecting included). Only that call
@@ -221,10 +221,13 @@ class PipelinedRedis:
         return await self.send(pack_command(*args))
 
     def _end_window(self) -> None:
+        self._close_window()
+        self._flush()
+
+    def _close_window(self) -> None:
         if self._window_end is not None:
             self._window_end.cancel()
             self._window_end = None
-        self._flush()
 
     def _batch_answered(self) -> None:
         if self._window_end is None:  # a window still open keeps its calls until it ends
@@ -325,9 +328,7 @@ class PipelinedRedis:
             self._connection = None
 
     async def close(self) -> None:
-        if self._window_end is not None:
-            self._window_end.cancel()
-            self._window_end = None
+        self._close_window()
         if self._connecting is not None:
             self._connecting.cancel()
         if self._connection is not None:
