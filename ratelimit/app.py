@@ -121,16 +121,19 @@ class Replica:
         self.service = RateLimitService(self.config.current, self.backend, self.metrics, service_options(settings))
         # None unless --otlp-endpoint is set; a missing tracing extra is a ValueError for the CLI.
         self.tracing = open_tracing(settings.otlp_endpoint, settings.trace_sampling_ratio)
-        self.server = RateLimitServer(
-            self.service,
-            self.metrics,
-            settings.grpc_host,
-            settings.grpc_port,
-            reuse_port=settings.reuse_port,
-            tls=tls_files(settings),
-            caps=settings.request_caps(),
-            tracing=self.tracing,
-        )
+        try:
+            self.server = RateLimitServer(
+                self.service,
+                self.metrics,
+                settings.grpc_host,
+                settings.grpc_port,
+                reuse_port=settings.reuse_port,
+                tls=tls_files(settings),
+                caps=settings.request_caps(),
+                tracing=self.tracing,
+            )
+        except OSError as exc:  # the bind: name the flag that moves it, as the metrics port does
+            raise OSError(f"{exc}: choose another with --grpc-port (RATELIMIT_GRPC_PORT)") from None
         self.exporter: MetricsExporter | None = None
         self._background: list[asyncio.Task[None]] = []
 

@@ -398,5 +398,8 @@ def test_a_taken_grpc_port_is_a_clear_error_not_a_traceback(tmp_path: Path) -> N
             capture_output=True, text=True, timeout=30, cwd=PROJECT_ROOT,
         )  # fmt: skip
     assert done.returncode == 1
-    assert f"cannot bind the gRPC port 127.0.0.1:{replica.grpc_port}" in done.stderr
+    assert (
+        f"ratelimit: cannot bind the gRPC port 127.0.0.1:{replica.grpc_port} (in use?): "
+        "choose another with --grpc-port (RATELIMIT_GRPC_PORT)"
+    ) in done.stderr.splitlines()
     assert "Traceback" not in done.stderr
