@@ -317,8 +317,9 @@ def test_the_local_runner_renders_envoys_config_for_loopback(topology: Any, tmp_
 def test_the_local_replicas_get_the_compose_settings(topology: Any, compose: dict[str, Any]) -> None:
     ports = _distinct_ports(topology)
     for replica in REPLICAS:
-        local = topology.replica_environment(topology.load_compose({}), replica, ports)
-        original = compose["services"][replica]["environment"]
+        interpolated = topology.load_compose({})  # as compose passes it, variables at their defaults
+        local = topology.replica_environment(interpolated, replica, ports)
+        original = interpolated["services"][replica]["environment"]
         assert local["RATELIMIT_CONFIG"] == str(COMPOSE_DIR / "limits")
         assert local["RATELIMIT_REDIS_URL"] == f"redis://{ports.address('redis', 6379)}/0"
         assert local["RATELIMIT_GRPC_PORT"] == str(ports.host_port(replica, 8081))
