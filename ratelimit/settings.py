@@ -28,16 +28,6 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1")
-    return value
-
-
 def _bounded(kind: Callable[[str], float], low: float, high: float) -> Callable[[str], Any]:
     """A number parser that refuses values outside [low, high] (and NaN)."""
 
@@ -53,6 +43,8 @@ def _bounded(kind: Callable[[str], float], low: float, high: float) -> Callable[
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
+
+_ratio = _bounded(float, 0.0, 1.0)
 
 # A pipeline window past this is no longer a batching delay but an outage of its own.
 MAX_PIPELINE_WINDOW_US = 10_000.0
