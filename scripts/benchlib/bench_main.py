@@ -32,6 +32,7 @@ from benchlib.servers import (
     WINDOW,
     ServerSpec,
     tracing_plan,
+    window_plan,
 )
 from benchlib.workload import SCENARIOS
 from tests.support.otlp import running_otlp_receiver
@@ -75,6 +76,13 @@ def parse_args(argv: list[str] | None) -> Options:
         "project's script, of --baseline-rev's, and of a fixed-window INCRBY+PEXPIRE anchor; writes state.json",
     )
     parser.add_argument(
+        "--window",
+        action="store_true",
+        help="only the pipeline window's rows (about three minutes): the defaults and --redis-pipeline-window-us "
+        "500/1000/2000/3000, 1 and 4 desc closed loop, and an open-loop sweep of each at the defaults' rates; "
+        "writes window.json",
+    )
+    parser.add_argument(
         "--baseline-rev",
         help="git revision measured beside this tree in the same rounds: its server (1 and 4 desc) and its script "
         "in the state table, for before/after figures",
@@ -114,6 +122,7 @@ def parse_args(argv: list[str] | None) -> Options:
         tracing=args.tracing,
         pre_tracing_rev=args.pre_tracing_rev,
         state=args.state,
+        window=args.window,
         baseline_rev=args.baseline_rev,
     )
 
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         return tracing_main(options)
     if options.state:
         return state_main(options)
+    if options.window:
+        return window_main(options)
     require("matplotlib", "limits", "uvloop")
     with (
         tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work,
@@ -194,6 +205,30 @@ def state_main(options: Options) -> int:
     print(f"\n{table}")
     report.write_json(options.out_dir / "state.json", {"baseline_rev": options.baseline_rev, **document})
     print(f"\nwrote {options.out_dir / 'state.json'}")
+    return 0
+
+
+def window_main(options: Options) -> int:
+    """`--window`: the pipeline window's trade-off alone, every row in the same rounds."""
+    with tempfile.TemporaryDirectory(prefix="ratelimit-bench-") as work, running_redis() as redis_server:
+        bench = Bench(options, redis_server.url, Path(work))
+        try:
+            bench.log(f"{os.cpu_count()} cores; load: {options.load_processes} processes x {options.concurrency}")
+            bench.start_servers(window_plan())
+            bench.closed_loop()
+            bench.open_loop()
+        finally:
+            bench.close()
+    print("\n".join(["", report.closed_table(bench.closed), "", report.open_table(bench.sweep)]))
+    print(*(f"note: {note}" for note in bench.notes), sep="\n")
+    document = {
+        "options": {key: str(value) for key, value in vars(options).items()},
+        "closed_loop": [m.to_json() for m in bench.closed],
+        "open_loop": [m.to_json() for m in bench.sweep],
+        "notes": bench.notes,
+    }
+    report.write_json(options.out_dir / "window.json", document)
+    print(f"\nwrote {options.out_dir / 'window.json'}")
     return 0
 
 

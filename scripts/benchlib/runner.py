@@ -54,6 +54,7 @@ class Options:
     tracing: bool = False  # only the tracing rows (scripts/bench --tracing)
     pre_tracing_rev: str | None = None
     state: bool = False  # only the state tier's cost (scripts/bench --state)
+    window: bool = False  # only the pipeline window's rows (scripts/bench --window)
     baseline_rev: str | None = None  # a revision whose server and script are rows of their own
 
 

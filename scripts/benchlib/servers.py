@@ -99,6 +99,30 @@ def tracing_plan(pre_tracing_revision: str | None) -> tuple[ServerSpec, ...]:
     return tuple(plan)
 
 
+WINDOWS_US = (0, 500, 1000, 2000, 3000)  # scripts/bench --window
+
+
+def window_plan() -> tuple[ServerSpec, ...]:
+    """`scripts/bench --window`: HEADLINE's flags at each of WINDOWS_US (0: HEADLINE itself), 1 and
+    4 descriptors, each swept open-loop at HEADLINE's rates (latency at equal load)."""
+    both = ("1 desc", "4 desc")
+    plan = [ServerSpec("project", HEADLINE, scenarios=both, quick_scenarios=both, sweep=True)]
+    for window_us in WINDOWS_US[1:]:
+        plan.append(
+            ServerSpec(
+                "project",
+                f"window {window_us}us",
+                pipeline_window_us=window_us,
+                scenarios=both,
+                quick_scenarios=both,
+                sweep=True,
+                sweep_rates_of=HEADLINE,
+                needs=("redis-pipeline-window-us",),
+            )
+        )
+    return tuple(plan)
+
+
 def serve_flags() -> set[str]:
     """The long options `ratelimit serve --help` lists."""
     help_text = subprocess.run(
