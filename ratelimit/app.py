@@ -70,7 +70,9 @@ def make_store(settings: Settings, metrics: Metrics) -> tuple[Backend, CircuitBr
         batching=settings.redis_batching,
         connection_options=redis_tls_options(settings),
         on_round_trip=metrics.backend_duration.observe,
-        pipeline_window=PipelineWindow(settings.redis_pipeline_window_us / 1e6, settings.redis_pipeline_limit),
+        pipeline_window=PipelineWindow(
+            settings.redis_pipeline_window_us / 1e6, settings.redis_pipeline_limit, settings.redis_pipeline_min_rate
+        ),
     )
     breaker = CircuitBreaker(
         redis, failure_threshold=settings.breaker_failures, cooldown_s=settings.breaker_cooldown_ms / 1000

@@ -114,6 +114,14 @@ OPTIONS: tuple[Option, ...] = (
         "with a pipeline window: send the calls held as soon as this many are (0: no limit)",
         _bounded(int, 0, 1_000_000),
     ),
+    Option(
+        "--redis-pipeline-min-rate",
+        0.0,
+        "with a pipeline window: hold calls only while they arrive faster than this many per second "
+        "(a moving average of the gaps between them), so a replica below that load never waits; "
+        "0: whenever the previous call came within the window",
+        _bounded(float, 0.0, 10_000_000.0),
+    ),
     Option("--over-limit-cache", True, "answer requests for counters known full locally, until Redis's reset", _bool),
     Option(
         "--over-limit-cache-entries",
@@ -211,6 +219,7 @@ class Settings:
     redis_batching: bool
     redis_pipeline_window_us: float
     redis_pipeline_limit: int
+    redis_pipeline_min_rate: float
     over_limit_cache: bool
     over_limit_cache_entries: int
     workers: int

@@ -161,12 +161,54 @@ def test_the_rules_hold_a_call_within_a_window_of_the_previous_one_and_fill_at_t
     assert not off.enabled
 
 
+def test_with_a_minimum_rate_calls_are_held_only_once_they_arrive_faster_than_it() -> None:
+    window = PipelineWindow(0.5, min_rate=4.0)  # held only once the average gap is under 0.25 s
+    assert not window.hold(10.0)
+    # Gaps of 0.125 s: the average falls from the window (0.5 s) as 0.125 + 0.375 * (7/8)^n, and
+    # is under 0.25 s from the ninth gap on.
+    holds = [window.hold(10.0 + 0.125 * gap) for gap in range(1, 13)]
+    assert holds == [False] * 8 + [True] * 4
+    # Within the window but slower than the rate: never held.
+    slow = PipelineWindow(0.5, min_rate=4.0)
+    assert not any(slow.hold(20.0 + 0.4 * gap) for gap in range(40))
+    # A quiet spell counts as one gap of a window: the call after it goes at once, and the
+    # average, slowed a little, still says fast.
+    assert not window.hold(100.0)
+    assert window.hold(100.125)
+
+
+def test_a_trickle_below_the_minimum_rate_is_never_held(redis_server: RedisServer, redis_url: str) -> None:
+    window_s = 0.2
+
+    async def scenario(client: PipelinedRedis) -> list[float]:
+        async def timed() -> float:
+            started = time.monotonic()
+            await client.execute("PING")
+            return time.monotonic() - started
+
+        await client.execute("PING")
+        calls = []
+        for _ in range(8):  # one call every 50 ms: each within the window of the last, 20 calls/s
+            await asyncio.sleep(0.05)
+            calls.append(asyncio.ensure_future(timed()))
+        return list(await asyncio.gather(*calls))
+
+    endpoint = Endpoint(port=redis_server.port)
+    gated = run_client(endpoint, scenario, window=PipelineWindow(window_s, min_rate=100.0))
+    assert max(gated) < window_s / 2  # below 100 calls/s: every call went at once
+    held = run_client(endpoint, scenario, window=PipelineWindow(window_s))
+    assert held[0] >= window_s * 0.9  # without the rate, the first call waited out the window
+
+
 def test_windows_that_are_not_numbers_of_seconds_or_limits_below_zero_are_refused() -> None:
     for window_s in (-0.001, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="pipeline window"):
             PipelineWindow(window_s)
     with pytest.raises(ValueError, match="pipeline limit"):
         PipelineWindow(0.001, limit=-1)
+    for rate in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="pipeline minimum rate"):
+            PipelineWindow(0.001, min_rate=rate)
 
 
 @pytest.mark.parametrize(
@@ -175,6 +217,7 @@ def test_windows_that_are_not_numbers_of_seconds_or_limits_below_zero_are_refuse
         (["--redis-pipeline-window-us", "20000"], "--redis-pipeline-window-us: '20000' is not between 0 and 10000"),
         (["--redis-pipeline-window-us", "nan"], "--redis-pipeline-window-us: 'nan' is not between 0 and 10000"),
         (["--redis-pipeline-limit", "-1"], "--redis-pipeline-limit: '-1' is not between 0 and 1e+06"),
+        (["--redis-pipeline-min-rate", "-5"], "--redis-pipeline-min-rate: '-5' is not between 0 and 1e+07"),
         (
             ["--redis-pipeline-window-us", "6000", "--redis-timeout-ms", "5"],
             "--redis-pipeline-window-us 6000 must be below --redis-timeout-ms 5",

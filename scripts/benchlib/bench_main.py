@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--window",
         action="store_true",
-        help="only the pipeline window's rows (about three minutes): the defaults and --redis-pipeline-window-us "
-        "500/1000/2000/3000, 1 and 4 desc closed loop, and an open-loop sweep of each at the defaults' rates; "
-        "writes window.json",
+        help="only the pipeline window's rows (about three minutes): the defaults, --redis-pipeline-window-us "
+        "500/1000/2000/3000, and 3000 with --redis-pipeline-min-rate 2500, 1 and 4 desc closed loop, and an "
+        "open-loop sweep of each at the defaults' rates; writes window.json",
     )
     parser.add_argument(
         "--baseline-rev",
