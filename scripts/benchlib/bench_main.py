@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> Options:
         "--window",
         action="store_true",
         help="only the pipeline window's rows (about three minutes): the defaults, --redis-pipeline-window-us "
-        "500/1000/2000/3000, and 3000 with --redis-pipeline-min-rate 2500, 1 and 4 desc closed loop, and an "
+        "500/1000/2000/3000, and 3000 with --redis-pipeline-min-rate 2000, 1 and 4 desc closed loop, and an "
         "open-loop sweep of each at the defaults' rates; writes window.json",
     )
     parser.add_argument(
