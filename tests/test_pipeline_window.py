@@ -168,6 +168,10 @@ def test_with_a_minimum_rate_calls_are_held_only_once_they_arrive_faster_than_it
     # is under 0.25 s from the ninth gap on.
     holds = [window.hold(10.0 + 0.125 * gap) for gap in range(1, 13)]
     assert holds == [False] * 8 + [True] * 4
+    # Exactly at the rate is not above it: one gap of 0.25 s makes the average 0.46875 s.
+    edge = PipelineWindow(0.5, min_rate=1 / 0.46875)
+    assert not edge.hold(10.0)
+    assert not edge.hold(10.25)
     # Within the window but slower than the rate: never held.
     slow = PipelineWindow(0.5, min_rate=4.0)
     assert not any(slow.hold(20.0 + 0.4 * gap) for gap in range(40))
