@@ -281,6 +281,43 @@ def test_decisions_close_together_share_one_write_and_each_counts_once(
     assert round_trips == 2  # the first alone, the other 19 together when the window ends
 
 
+@pytest.mark.parametrize("limit", [1, 5])
+@pytest.mark.parametrize("store", ["one server", "sentinel"])
+def test_the_limit_sends_held_decisions_long_before_the_window_ends(
+    store: str, limit: int, redis_url: str, request: pytest.FixtureRequest
+) -> None:
+    if store == "sentinel":
+        group: SentinelTopology = request.getfixturevalue("sentinel_group")
+        url = group.url
+        group.current_primary().client().flushall()
+    else:
+        url = redis_url
+    window = WindowSpec.for_rule(Algorithm.SLIDING_WINDOW, 60)
+
+    async def scenario() -> tuple[int, int, float]:
+        backend = RedisBackend(url, timeout_s=5.0, pipeline_window=PipelineWindow(2.0, limit=limit))
+        try:
+            await backend.prepare()
+            await asyncio.sleep(2.1)  # a quiet spell longer than the window
+            before, started = backend.round_trips, time.monotonic()
+            calls = []
+            for _ in range(1 + 5):  # one at once, then five held: each fills a limit of 1, the fifth one of 5
+                request = CounterRequest(key="limited-decisions", limit=1000, window=window, hits=1)
+                calls.append(asyncio.ensure_future(backend.evaluate([request])))
+                await asyncio.sleep(0)
+            decisions = await asyncio.gather(*calls)
+            took_s = time.monotonic() - started
+            return max(decision.results[0].used for decision in decisions), backend.round_trips - before, took_s
+        finally:
+            await backend.close()
+
+    most_used, round_trips, took_s = asyncio.run(scenario())
+    assert most_used == 6
+    if limit == 5:
+        assert round_trips == 2  # the first alone, the five together
+    assert took_s < 1.0  # not the 2 s window
+
+
 def test_a_replica_with_a_window_answers_concurrent_calls_in_fewer_redis_reads(
     tmp_path: Path, redis_server: RedisServer, redis_url: str
 ) -> None:

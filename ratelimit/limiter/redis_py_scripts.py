@@ -57,12 +57,14 @@ class RedisPyScripts:
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Call(keys, args, future))
         window = self._window
-        if window is not None:
-            if window.hold(loop.time()) and not self._flush_scheduled:
+        # As the pipelined client: a call the window holds, or one made while a window is open,
+        # waits for its end, unless the calls waiting are enough to go (the limit).
+        if window is not None and (window.hold(loop.time()) or self._window_end is not None):
+            if window.full(len(self._pending)):
+                self._end_window()
+            elif self._window_end is None and not self._flush_scheduled:
                 self._flush_scheduled = True  # by the window's end, not this loop turn's
                 self._window_end = loop.call_later(window.window_s, self._end_window)
-            elif self._window_end is not None and window.full(len(self._pending)):
-                self._end_window()
         self._schedule_flush()
         return await future
 
@@ -75,10 +77,14 @@ class RedisPyScripts:
 
     def _end_window(self) -> None:
         if self._window_end is not None:
+            self._close_window()
+            self._flush_scheduled = False
+        self._schedule_flush()
+
+    def _close_window(self) -> None:
+        if self._window_end is not None:
             self._window_end.cancel()
             self._window_end = None
-        self._flush_scheduled = False
-        self._schedule_flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -148,8 +154,7 @@ class RedisPyScripts:
             raise BackendError("connection", f"redis not ready: {exc}") from exc
 
     async def close(self) -> None:
-        if self._window_end is not None:
-            self._window_end.cancel()
+        self._close_window()
         for task in list(self._flushes):
             task.cancel()
         if isinstance(self._client, RedisCluster):
