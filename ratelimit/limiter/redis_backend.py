@@ -66,25 +66,16 @@ class RedisBackend(Backend):
         self._on_round_trip = on_round_trip
         parsed = parse_redis_url(url)
         target = parse_target(parsed)
-        self._runner: ScriptRunner
-        if target.kind == "single":
-            self._runner = PipelinedScripts(
-                parsed,
-                timeout_s=timeout_s,
-                max_connections=max_connections,
-                batching=batching,
-                options=options,
-                window=pipeline_window,
-            )
-        else:
-            self._runner = RedisPyScripts(
-                target,
-                timeout_s=timeout_s,
-                max_connections=max_connections,
-                batching=batching,
-                options=options,
-                window=pipeline_window,
-            )
+        common: dict[str, Any] = dict(
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+            batching=batching,
+            options=options,
+            window=pipeline_window,
+        )
+        self._runner: ScriptRunner = (
+            PipelinedScripts(parsed, **common) if target.kind == "single" else RedisPyScripts(target, **common)
+        )
 
     @property
     def round_trips(self) -> int:

@@ -57,21 +57,27 @@ class ServerSpec:
         return "uvloop" if self.event_loop == "uvloop" else "asyncio"
 
 
+def windowed(variant: str, window_us: float, min_rate: float = 0.0) -> ServerSpec:
+    """HEADLINE's flags with a pipeline window, 1 and 4 desc, swept open-loop at HEADLINE's
+    offered rates (latency at equal load)."""
+    return ServerSpec(
+        "project",
+        variant,
+        pipeline_window_us=window_us,
+        pipeline_min_rate=min_rate,
+        scenarios=("1 desc", "4 desc"),
+        quick_scenarios=("1 desc", "4 desc"),
+        sweep=True,
+        sweep_rates_of=HEADLINE,
+        needs=("redis-pipeline-min-rate",) if min_rate else ("redis-pipeline-window-us",),
+    )
+
+
 PLAN = (
     ServerSpec("ceiling", "asyncio", scenarios=("1 desc", "4 desc"), sweep=True),
     ServerSpec("naive", "asyncio", scenarios=ALL_SCENARIOS, quick_scenarios=("1 desc", "4 desc"), sweep=True),
     ServerSpec("project", HEADLINE, scenarios=ALL_SCENARIOS, quick_scenarios=ALL_SCENARIOS, sweep=True),
-    ServerSpec(
-        "project",
-        WINDOW,
-        pipeline_window_us=WINDOW_US,
-        pipeline_min_rate=WINDOW_MIN_RATE,
-        scenarios=("1 desc", "4 desc"),
-        quick_scenarios=("1 desc", "4 desc"),
-        sweep=True,
-        sweep_rates_of=HEADLINE,  # the same offered rates as the defaults: latency at equal load
-        needs=("redis-pipeline-min-rate",),
-    ),
+    windowed(WINDOW, WINDOW_US, WINDOW_MIN_RATE),
     ServerSpec("project", "batching off", batching=False, scenarios=("1 desc", "4 desc"), needs=("redis-batching",)),
     ServerSpec(
         "project",
@@ -112,34 +118,11 @@ def window_plan() -> tuple[ServerSpec, ...]:
     """`scripts/bench --window`: HEADLINE's flags at each of WINDOWS_US (0: HEADLINE itself), 1 and
     4 descriptors, each swept open-loop at HEADLINE's rates (latency at equal load)."""
     both = ("1 desc", "4 desc")
-    plan = [ServerSpec("project", HEADLINE, scenarios=both, quick_scenarios=both, sweep=True)]
-    for window_us in WINDOWS_US[1:]:
-        plan.append(
-            ServerSpec(
-                "project",
-                f"window {window_us}us",
-                pipeline_window_us=window_us,
-                scenarios=both,
-                quick_scenarios=both,
-                sweep=True,
-                sweep_rates_of=HEADLINE,
-                needs=("redis-pipeline-window-us",),
-            )
-        )
-    plan.append(
-        ServerSpec(
-            "project",
-            WINDOW,
-            pipeline_window_us=WINDOW_US,
-            pipeline_min_rate=WINDOW_MIN_RATE,
-            scenarios=both,
-            quick_scenarios=both,
-            sweep=True,
-            sweep_rates_of=HEADLINE,
-            needs=("redis-pipeline-min-rate",),
-        )
+    return (
+        ServerSpec("project", HEADLINE, scenarios=both, quick_scenarios=both, sweep=True),
+        *(windowed(f"window {window_us}us", window_us) for window_us in WINDOWS_US[1:]),
+        windowed(WINDOW, WINDOW_US, WINDOW_MIN_RATE),
     )
-    return tuple(plan)
 
 
 def serve_flags() -> set[str]:
