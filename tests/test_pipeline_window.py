@@ -318,6 +318,28 @@ def test_the_limit_sends_held_decisions_long_before_the_window_ends(
     assert took_s < 1.0  # not the 2 s window
 
 
+def test_a_flood_held_by_a_window_leaves_in_few_writes_each_counted_once(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    # An attacker's burst: 2,000 calls in one loop turn, no limit. The window holds them all
+    # (the queue is bounded by the calls in flight, each a packed command of a few hundred
+    # bytes); they leave together, each with its own exact reply, within the window plus a
+    # round trip.
+    flood = 2_000
+
+    async def scenario(client: PipelinedRedis) -> tuple[list[Any], int, float]:
+        await client.execute("PING")
+        await asyncio.sleep(0.1)  # a quiet spell: the flood's first call goes at once
+        before, started = client.round_trips, time.monotonic()
+        replies = await asyncio.gather(*(client.execute("INCR", "flooded") for _ in range(flood)))
+        return replies, client.round_trips - before, time.monotonic() - started
+
+    replies, writes, took_s = run_client(Endpoint(port=redis_server.port), scenario, window=PipelineWindow(0.05))
+    assert replies == list(range(1, flood + 1))
+    assert writes == 2  # the first call, then the other 1,999 together
+    assert took_s < 1.0
+
+
 def test_a_replica_with_a_window_answers_concurrent_calls_in_fewer_redis_reads(
     tmp_path: Path, redis_server: RedisServer, redis_url: str
 ) -> None:
