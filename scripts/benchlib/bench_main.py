@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.start_cluster(cluster_stack)
             bench.start_servers(with_baseline(PLAN, options.baseline_rev))
             bench.closed_loop()
+            bench.stop_unswept(cluster_stack)
             bench.open_loop()
             if options.profile:
                 bench.profiled(HEADLINE)
