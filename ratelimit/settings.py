@@ -117,8 +117,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--redis-pipeline-min-rate",
         0.0,
-        "with a pipeline window: hold calls only while they arrive faster than this many per second "
-        "(a moving average of the gaps between them), so a replica below that load never waits; "
+        "with a pipeline window: hold calls only while they arrived faster than this many per second "
+        "over the last tenth of a second, so a replica below that load never waits; "
         "0: whenever the previous call came within the window",
         _bounded(float, 0.0, 10_000_000.0),
     ),

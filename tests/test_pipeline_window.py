@@ -17,7 +17,7 @@ import redis
 from ratelimit.client import AsyncRateLimitClient
 from ratelimit.config.model import Algorithm
 from ratelimit.limiter import BackendError
-from ratelimit.limiter.pipeline_window import PipelineWindow
+from ratelimit.limiter.pipeline_window import RATE_INTERVAL_S, PipelineWindow
 from ratelimit.limiter.pipelined import Endpoint, PipelinedRedis
 from ratelimit.limiter.redis_backend import RedisBackend
 from ratelimit.limiter.types import CounterRequest, WindowSpec
@@ -161,24 +161,32 @@ def test_the_rules_hold_a_call_within_a_window_of_the_previous_one_and_fill_at_t
     assert not off.enabled
 
 
-def test_with_a_minimum_rate_calls_are_held_only_once_they_arrive_faster_than_it() -> None:
-    window = PipelineWindow(0.5, min_rate=4.0)  # held only once the average gap is under 0.25 s
-    assert not window.hold(10.0)
-    # Gaps of 0.125 s: the average falls from the window (0.5 s) as 0.125 + 0.375 * (7/8)^n, and
-    # is under 0.25 s from the ninth gap on.
-    holds = [window.hold(10.0 + 0.125 * gap) for gap in range(1, 13)]
-    assert holds == [False] * 8 + [True] * 4
-    # Exactly at the rate is not above it: one gap of 0.25 s makes the average 0.46875 s.
-    edge = PipelineWindow(0.5, min_rate=1 / 0.46875)
-    assert not edge.hold(10.0)
-    assert not edge.hold(10.25)
-    # Within the window but slower than the rate: never held.
-    slow = PipelineWindow(0.5, min_rate=4.0)
-    assert not any(slow.hold(20.0 + 0.4 * gap) for gap in range(40))
-    # A quiet spell counts as one gap of a window: the call after it goes at once, and the
-    # average, slowed a little, still says fast.
+def test_with_a_minimum_rate_calls_are_held_only_once_an_interval_of_them_was_faster_than_it() -> None:
+    assert RATE_INTERVAL_S == 0.1  # the times below are laid out around it
+    window = PipelineWindow(0.5, min_rate=32.0)
+    # 64 calls/s from time 0, each well within the window of the last. The interval from 0 to
+    # 0.1 s counts 7 calls, more than 3.2, and decides from the call that ends it (at exactly
+    # 0.1 s) on; the calls before it were counted while nothing said fast.
+    fast = [window.hold(k / 64) for k in range(7)] + [window.hold(0.1)]
+    fast += [window.hold(0.1 + k / 64) for k in range(1, 8)]
+    assert fast == [False] * 7 + [True] * 8
+    # A quiet spell: the call after it goes at once, the interval that spans it says slow, so a
+    # burst after it waits for an interval of its own.
     assert not window.hold(100.0)
-    assert window.hold(100.125)
+    assert not window.hold(100.015625)
+    # Exactly at the rate is not above it: 4 calls in 0.125 s is 32/s; 5 is more. (An interval
+    # ends at the first call 0.1 s or more after it began: none comes between 0.1 and 0.125 s.)
+    edge = PipelineWindow(0.5, min_rate=32.0)
+    times = [20.0, 20.03125, 20.0625, 20.09375, 20.125, 20.140625, 20.15625, 20.1875, 20.21875, 20.25]
+    assert [edge.hold(t) for t in times] == [False] * 9 + [True]
+    # Each interval counts its own calls only: 4 more in the next 0.125 s say slow again.
+    assert [edge.hold(t) for t in (20.28125, 20.3125, 20.34375, 20.375)] == [True, True, True, False]
+    # Within the window but slower than the rate: never held.
+    slow = PipelineWindow(0.5, min_rate=32.0)
+    assert not any(slow.hold(30.0 + 0.25 * k) for k in range(40))
+    # Faster than the rate but each call a window after the last: never held either.
+    apart = PipelineWindow(0.01, min_rate=32.0)
+    assert not any(apart.hold(40.0 + k / 64) for k in range(40))
 
 
 def test_a_trickle_below_the_minimum_rate_is_never_held(redis_server: RedisServer, redis_url: str) -> None:

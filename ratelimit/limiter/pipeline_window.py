@@ -8,17 +8,22 @@ forms them, as `REDIS_PIPELINE_WINDOW` and `REDIS_PIPELINE_LIMIT` do in envoypro
 
 Unlike a fixed window, this one holds a call only when the previous call came less than a window
 ago: a call after a quiet spell goes out at once, so a light load pays nothing. With a
-`min_rate`, only while calls also arrive faster than that (a moving average of the gaps between
-them), so a replica below that load never waits at all. A call held waits at most the window,
-or less when `limit` calls are held.
+`min_rate`, only while calls also arrived faster than that over the last rate interval, so a
+replica below that load never waits at all. A call held waits at most the window, or less when
+`limit` calls are held.
+
+The rate is a count over a tenth of a second, not an average of the last few gaps: the gaps
+of calls from many clients are near exponential, so an average of eight strays 35% either way,
+and a gate at 2,000 calls/s held one call in six of a steady 1,500/s (simulated); 150 calls
+counted stray 8%, and it holds none (at 1,800/s, 7%; at 2,200/s, 91%).
 """
 
 from __future__ import annotations
 
 import math
 
-# Weight of the newest gap in the moving average: about the last eight gaps count.
-GAP_AVERAGE_WEIGHT = 1 / 8
+# The span over which calls are counted for the rate; a change of load takes effect within two.
+RATE_INTERVAL_S = 0.1
 
 
 class PipelineWindow:
@@ -33,8 +38,11 @@ class PipelineWindow:
         self.limit = limit
         self.min_rate = min_rate
         self._last_call = -math.inf
-        # Starts slow: a burst after start-up or a quiet spell is held only once it is fast.
-        self._average_gap_s = window_s
+        # Starts slow: the first interval begins with the first call, and the calls in it are
+        # held only once it has ended fast.
+        self._fast = False
+        self._interval_start: float | None = None
+        self._interval_calls = 0
 
     @property
     def enabled(self) -> bool:
@@ -42,14 +50,21 @@ class PipelineWindow:
 
     def hold(self, now: float) -> bool:
         """Whether a call made at `now` (loop time) should wait for others."""
-        gap = now - self._last_call
+        close = now - self._last_call < self.window_s
         self._last_call = now
-        busy = gap < self.window_s
         if not self.min_rate:
-            return busy
-        # Gaps count up to a window each: one quiet spell slows the average, never for long.
-        self._average_gap_s += (min(gap, self.window_s) - self._average_gap_s) * GAP_AVERAGE_WEIGHT
-        return busy and self._average_gap_s * self.min_rate < 1.0
+            return close
+        if self._interval_start is None:
+            self._interval_start = now
+        elapsed = now - self._interval_start
+        if elapsed >= RATE_INTERVAL_S:
+            # The interval that ends here decides until the next one ends. One that spans a quiet
+            # spell counts its calls over all of it, so it says slow.
+            self._fast = self._interval_calls > self.min_rate * elapsed
+            self._interval_start = now
+            self._interval_calls = 0
+        self._interval_calls += 1
+        return close and self._fast
 
     def full(self, held: int) -> bool:
         """Whether `held` calls are enough to go at once."""
