@@ -5,6 +5,7 @@ Against a real redis-server (one server) and a real Sentinel group (redis-py's p
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 import time
@@ -187,6 +188,23 @@ def test_with_a_minimum_rate_calls_are_held_only_once_an_interval_of_them_was_fa
     # Faster than the rate but each call a window after the last: never held either.
     apart = PipelineWindow(0.01, min_rate=32.0)
     assert not any(apart.hold(40.0 + k / 64) for k in range(40))
+
+
+@pytest.mark.parametrize(("rate", "held_share"), [(1_500, (0.0, 0.0)), (1_800, (0.0, 0.2)), (3_000, (0.99, 1.0))])
+def test_a_steady_load_of_independent_callers_below_the_gate_is_never_held(
+    rate: float, held_share: tuple[float, float]
+) -> None:
+    """Calls from many clients come at near-exponential gaps: a gate at 2,000 calls/s holds none
+    of 20 s of a steady 1,500/s, few of 1,800/s, and nearly all of 3,000/s. (An average of the
+    last eight gaps held one in six at 1,500/s.)"""
+    chance = random.Random(12)
+    window = PipelineWindow(0.003, min_rate=2_000.0)
+    now, held = 100.0, 0
+    for _ in range(int(rate * 20)):
+        now += chance.expovariate(rate)
+        held += window.hold(now)
+    share = held / int(rate * 20)
+    assert held_share[0] <= share <= held_share[1]
 
 
 def test_a_trickle_below_the_minimum_rate_is_never_held(redis_server: RedisServer, redis_url: str) -> None:
