@@ -27,6 +27,7 @@ from benchlib.servers import (
     HEADLINE,
     PLAN,
     PRE_TRACING,
+    SAME_RATE,
     SAMPLED_OUT,
     TRACING_ON,
     WINDOW,
@@ -295,7 +296,8 @@ def summary_text(
         *(["", *cluster.lines()] if cluster else []),
         *(["", *tracing] if tracing else []),
         "\nOpen loop, 1 descriptor, offered at 25/50/75/100% of each contender's closed-loop peak "
-        "(latency from the instant each call was due):",
+        f"(latency from the instant each call was due); ceiling '{SAME_RATE}': the no-op server at "
+        f"{HEADLINE}'s 50% rate, right after {HEADLINE}'s phase at it:",
         report.open_table(bench.sweep),
         f"\nOne process, no gRPC: decisions/s on the same Redis ({options.library_s:g} s each):",
         report.library_table(bench.library),

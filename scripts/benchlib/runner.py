@@ -27,7 +27,7 @@ from benchlib import libcompare
 from benchlib.phases import LoadPool, LoadShape, Measurement, Sample, run_phase
 from benchlib.procs import PROJECT_ROOT, SCRIPTS_DIR, start_server, stop_process, wait_ready
 from benchlib.profiling import Profiler
-from benchlib.servers import ServerSpec, command_line, missing_flags, serve_flags
+from benchlib.servers import HEADLINE, SAME_RATE, ServerSpec, command_line, missing_flags, serve_flags
 from benchlib.workload import write_config
 from tests.support.processes import free_port
 from tests.support.redis_topologies import running_redis_cluster
@@ -271,19 +271,26 @@ class Bench:
             peak = next((m for m in self.closed if (m.contender, m.variant, m.scenario) == labels), None)
             if spec.sweep and peak is not None and peak.requests_per_s > 0:
                 swept.append((server, peak.requests_per_s))
+        ceiling = next((s for s, _ in swept if (s.spec.contender, s.spec.variant) == ("ceiling", "asyncio")), None)
         by_server: dict[int, list[Measurement]] = {index: [] for index in range(len(swept))}
+        references: list[Measurement] = []
         for fraction in SWEEP_FRACTIONS:
             for index, (server, peak_rate) in enumerate(swept):
                 spec, rate = server.spec, peak_rate * fraction
-                measured = Measurement.pooled(
-                    (spec.contender, spec.variant, "1 desc"), [self.sample(server, "1 desc", shape, rate)], 0, rate
-                )
-                by_server[index].append(measured)
-                self.log(
-                    f"open loop {spec.name}: {rate:,.0f}/s offered, {measured.requests_per_s:,.0f}/s done, "
-                    f"p99 {measured.p99_ms:.2f} ms"
-                )
-        self.sweep += [measured for index in range(len(swept)) for measured in by_server[index]]
+                by_server[index].append(self._swept_phase(server, (spec.contender, spec.variant), shape, rate))
+                if ceiling and fraction == 0.5 and (spec.contender, spec.variant) == ("project", HEADLINE):
+                    references.append(self._swept_phase(ceiling, ("ceiling", SAME_RATE), shape, rate))
+        self.sweep += [measured for index in range(len(swept)) for measured in by_server[index]] + references
+
+    def _swept_phase(
+        self, server: RunningServer, labels: tuple[str, str], shape: LoadShape, rate: float
+    ) -> Measurement:
+        measured = Measurement.pooled((*labels, "1 desc"), [self.sample(server, "1 desc", shape, rate)], 0, rate)
+        self.log(
+            f"open loop {' '.join(labels)}: {rate:,.0f}/s offered, {measured.requests_per_s:,.0f}/s done, "
+            f"p99 {measured.p99_ms:.2f} ms"
+        )
+        return measured
 
     def profiled(self, variant: str) -> None:
         """An extra 1-desc phase under py-spy; its numbers stay out of the table (py-spy slows the server)."""

@@ -17,6 +17,9 @@ HEADLINE = "batch+cache"
 # loaded one, 4 descriptors a call included (about 2,800/s), is held.
 WINDOW = "gated 3ms"  # a name that is also a file name (the server log)
 WINDOW_US, WINDOW_MIN_RATE = 3000, 2000
+# The no-op ceiling once more at HEADLINE's half-peak rate, right after HEADLINE's own phase
+# at it: what the machine alone does to the tail at the rate of the p99 target.
+SAME_RATE = "same rate"
 CLUSTER = "cluster"  # the variant on the 3-primary/3-replica Redis Cluster (HEADLINE's flags)
 TRACING_ON = "tracing on"  # HEADLINE's flags with every call traced, spans sent to the run's receiver
 SAMPLED_OUT = "sampled out"  # tracing on at --trace-sampling-ratio 0: spans made, none kept
