@@ -286,6 +286,11 @@ def summary_text(
     timeout = "their default Redis timeout"
     if options.redis_timeout_ms:
         timeout = f"--redis-timeout-ms {options.redis_timeout_ms:g}"
+    same_rate = ""
+    if report.find(bench.sweep, "ceiling", SAME_RATE):
+        same_rate = (
+            f"; ceiling '{SAME_RATE}': the no-op server at {HEADLINE}'s 50% rate, right after {HEADLINE}'s phase at it"
+        )
     parts = [
         f"\nClosed loop: {options.load_processes} load processes x {options.concurrency} calls in flight "
         f"= {bench.in_flight}; {options.rounds} round(s) of {options.duration_s:g} s per row (after "
@@ -296,8 +301,7 @@ def summary_text(
         *(["", *cluster.lines()] if cluster else []),
         *(["", *tracing] if tracing else []),
         "\nOpen loop, 1 descriptor, offered at 25/50/75/100% of each contender's closed-loop peak "
-        f"(latency from the instant each call was due); ceiling '{SAME_RATE}': the no-op server at "
-        f"{HEADLINE}'s 50% rate, right after {HEADLINE}'s phase at it:",
+        f"(latency from the instant each call was due){same_rate}:",
         report.open_table(bench.sweep),
         f"\nOne process, no gRPC: decisions/s on the same Redis ({options.library_s:g} s each):",
         report.library_table(bench.library),

@@ -197,7 +197,7 @@ def _variant_targets(
     if half and peak:
         point = min(half, key=lambda m: abs((m.offered_rate or 0) - peak.requests_per_s / 2))
         detail = f"p99 {point.p99_ms:.2f} ms at {point.offered_rate:,.0f} req/s offered (open loop)"
-        reference = next((m for m in sweep if (m.contender, m.variant) == ("ceiling", SAME_RATE)), None)
+        reference = find(sweep, "ceiling", SAME_RATE)
         if reference and reference.offered_rate == point.offered_rate:
             detail += f"; the no-op ceiling at that rate: p99 {reference.p99_ms:.2f} ms"
         whose = "its" if rates_of == variant else f"{rates_of}'s"
