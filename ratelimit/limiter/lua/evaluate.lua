@@ -29,109 +29,104 @@
 -- A request is admitted only when no enforcing counter is over and not all of its quota
 -- counters are over; only then are hits added (all-or-nothing).
 -- Mirrors ratelimit/limiter/window.py and memory.py, which document the arithmetic.
+--
+-- Written for Redis's Lua 5.1, where the script's own work was half of what a decision costs
+-- Redis (callgrind, README "The state tier"): no local functions (each would be a new closure
+-- on every call), one table per distinct counter with numbered fields, the reply filled in
+-- place, and numbers read from strings by arithmetic (tonumber() parses a string twice).
 
 local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
 local count = #KEYS
 local MAX_SLOT = 4294967295
 local HEADER = 16
 
--- One state per distinct key, however often the request names it.
-local states = {}
-local order = {}
-local over = {}
-local used = {}
-local through = {}
-local resets = {}
-local admitted = true
-local quota_counters = 0
-local quota_over = 0
-
-local function leaves_at(state, index)
-  return (index + state.span) * state.bucket_ms
-end
-
--- Hits in slot k (1 = newest) of a stored counter.
-local function slot(raw, k)
-  return (struct.unpack('<I4', raw, HEADER + 4 * k - 3))
-end
-
-local function load(key, raw, bucket_ms, span)
-  local current = math.floor(now_ms / bucket_ms)
-  local state = {key = key, bucket_ms = bucket_ms, span = span, planned = 0, sum = 0, kept = 0,
-                 stored = 0, age = 0, newest = current, raw = ''}
-  if raw and #raw >= HEADER + 4 and (#raw - HEADER) % 4 == 0 then
-    local newest, sum = struct.unpack('<dd', raw)
-    local stored = (#raw - HEADER) / 4
-    -- Buckets newer than now (Redis's clock stepped back) still count: keep them all.
-    local age = math.max(current - newest, 0)
-    local kept = math.min(stored, span - age)
-    if kept > 0 then
-      for k = kept + 1, stored do
-        sum = sum - slot(raw, k) -- left the window
-      end
-      state.newest = math.max(current, newest)
-      state.kept = kept
-      state.stored = stored
-      state.age = age
-      state.sum = sum
-      state.raw = raw
-    end
-  end
-  return state
-end
-
--- Slot k (1 = newest) of a state holds bucket state.newest - state.age - (k - 1).
--- The wait a status promises, from the buckets as they were before this request, measured
--- from now_ms exactly (see window.reset_ms): until `need` hits fit once the buckets up to
--- this one have left. Within the limit that is the oldest counted hit (with none, a hit made
--- now), since everything fits already; over it, the first bucket whose leaving makes room.
-local function reset_ms(state, limit, need)
-  if state.sum == 0 then
-    return leaves_at(state, state.newest) - now_ms
-  end
-  local top = state.newest - state.age
-  local running = state.sum
-  for k = state.kept, 1, -1 do
-    local hits = slot(state.raw, k)
-    if hits > 0 then
-      running = running - hits
-      if running + need <= limit then
-        return leaves_at(state, top - k + 1) - now_ms
-      end
-    end
-  end
-  return leaves_at(state, state.newest) - now_ms -- a clear window: more hits than the limit never fit
-end
+-- The fields of a counter's state, one table per distinct key, however often the request
+-- names it. Slot k (1 = newest) of `raw` holds bucket NEWEST - AGE - (k - 1); KEPT of its
+-- STORED slots are still in the window, and SUM is their hits.
+local KEY, BUCKET_MS, SPAN, PLANNED, SUM, KEPT, STORED, AGE, NEWEST, RAW = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 -- Every counter in one read (a key named twice is read twice; the first read is used). A
 -- value that is not a counter of this layout (MGET gives other types as nil) counts as an
 -- empty counter, and a charge replaces it.
 local values = redis.call('MGET', unpack(KEYS))
+local reply = {1, now_ms, 0, 0, 0} -- admitted, now, then over, used, reset per counter
+local states = {} -- in the order of their first mention
+local state_of = count > 1 and {} or nil -- key -> state, for a key named again
+local admitted = true
+local quota_counters = 0
+local quota_over = 0
+
 for i = 1, count do
-  local base = (i - 1) * 5
-  local limit = tonumber(ARGV[base + 1])
-  local hits = tonumber(ARGV[base + 4])
-  local role = tonumber(ARGV[base + 5])
+  local base = i * 5 - 5
+  local limit = ARGV[base + 1] + 0
+  local hits = ARGV[base + 4] + 0
+  local role = ARGV[base + 5] + 0
   local key = KEYS[i]
-  local state = states[key]
+  local state = state_of and state_of[key]
   if not state then
-    state = load(key, values[i], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]))
-    states[key] = state
-    order[#order + 1] = state
+    local bucket_ms = ARGV[base + 2] + 0
+    local span = ARGV[base + 3] + 0
+    local current = math.floor(now_ms / bucket_ms)
+    state = {key, bucket_ms, span, 0, 0, 0, 0, 0, current, ''}
+    local raw = values[i]
+    if raw and #raw >= HEADER + 4 and (#raw - HEADER) % 4 == 0 then
+      local newest, sum = struct.unpack('<dd', raw)
+      local stored = (#raw - HEADER) / 4
+      -- Buckets newer than now (Redis's clock stepped back) still count: keep them all.
+      local age = math.max(current - newest, 0)
+      local kept = math.min(stored, span - age)
+      if kept > 0 then
+        for k = kept + 1, stored do
+          sum = sum - struct.unpack('<I4', raw, HEADER + 4 * k - 3) -- left the window
+        end
+        state[SUM], state[KEPT], state[STORED], state[AGE], state[RAW] = sum, kept, stored, age, raw
+        state[NEWEST] = math.max(current, newest)
+      end
+    end
+    states[#states + 1] = state
+    if state_of then
+      state_of[key] = state
+    end
   end
   -- Hits that earlier mentions of this key in the request put on it must fit together.
-  local need = state.planned + hits
-  state.planned = need
-  through[i] = need
-  used[i] = state.sum
-  over[i] = state.sum + need > limit
-  resets[i] = reset_ms(state, limit, need)
-  if over[i] and role == 1 then
+  local need = state[PLANNED] + hits
+  state[PLANNED] = need
+  local sum = state[SUM]
+  local over = sum + need > limit
+
+  -- The wait a status promises, from the buckets as they were before this request, measured
+  -- from now_ms exactly (see window.reset_ms): until `need` hits fit, as buckets leave oldest
+  -- first. Within the limit that is the oldest counted hit (with none, a hit made now), since
+  -- everything fits already; over it, the first bucket whose leaving makes room. Bucket b
+  -- leaves at (b + span) * bucket_ms; more hits than the limit never fit: a clear window.
+  local bucket_ms, span, newest = state[BUCKET_MS], state[SPAN], state[NEWEST]
+  local reset = (newest + span) * bucket_ms - now_ms
+  if sum ~= 0 then
+    local top = newest - state[AGE]
+    local running = sum
+    local raw = state[RAW]
+    for k = state[KEPT], 1, -1 do
+      local slot_hits = struct.unpack('<I4', raw, HEADER + 4 * k - 3)
+      if slot_hits > 0 then
+        running = running - slot_hits
+        if running + need <= limit then
+          reset = (top - k + 1 + span) * bucket_ms - now_ms
+          break
+        end
+      end
+    end
+  end
+
+  local at = i * 3
+  reply[at] = over and 1 or 0
+  reply[at + 1] = sum + need -- used, this request's hits included; a rejection takes them out below
+  reply[at + 2] = reset
+  if over and role == 1 then
     admitted = false
   elseif role == 2 then
     quota_counters = quota_counters + 1
-    if over[i] then
+    if over then
       quota_over = quota_over + 1
     end
   end
@@ -140,37 +135,40 @@ if quota_counters > 0 and quota_over == quota_counters then
   admitted = false
 end
 
-if admitted then
-  for _, state in ipairs(order) do
-    if state.planned > 0 then
-      -- Charged to the newest bucket stored (the same one, or newer than now's).
-      local same_bucket = state.kept > 0 and state.age == 0
-      local first = same_bucket and slot(state.raw, 1) or 0
-      local head = math.min(first + state.planned, MAX_SLOT)
-      local header = struct.pack('<ddI4', state.newest, state.sum + head - first, head)
-      if same_bucket and state.kept == state.stored then
-        -- Its expiry stands; only the first 20 bytes change.
-        redis.call('SETRANGE', state.key, 0, header)
-      else
-        -- The newest bucket first, then the gap since the last charge as zeros, then the
-        -- buckets still in the window: at most span slots.
-        local rest = ''
-        if same_bucket then
-          rest = string.sub(state.raw, HEADER + 5, HEADER + 4 * state.kept)
-        elseif state.kept > 0 then
-          rest = string.rep('\0\0\0\0', state.age - 1) .. string.sub(state.raw, HEADER + 1, HEADER + 4 * state.kept)
-        end
-        -- Every bucket has left the window once the newest one has: expire then.
-        redis.call('SET', state.key, header .. rest, 'PXAT', leaves_at(state, state.newest))
-      end
-    end
+if not admitted then
+  reply[1] = 0
+  for i = 1, count do
+    reply[i * 3 + 1] = (state_of and state_of[KEYS[i]] or states[1])[SUM]
   end
+  return reply
 end
 
-local reply = {admitted and 1 or 0, now_ms}
-for i = 1, count do
-  reply[#reply + 1] = over[i] and 1 or 0
-  reply[#reply + 1] = admitted and used[i] + through[i] or used[i]
-  reply[#reply + 1] = resets[i]
+for n = 1, #states do
+  local state = states[n]
+  local planned = state[PLANNED]
+  if planned > 0 then
+    local key, sum, kept, age, newest, raw = state[KEY], state[SUM], state[KEPT], state[AGE], state[NEWEST], state[RAW]
+    -- Charged to the newest bucket stored (the same one, or newer than now's).
+    local same_bucket = kept > 0 and age == 0
+    local first = same_bucket and struct.unpack('<I4', raw, HEADER + 1) or 0
+    local head = math.min(first + planned, MAX_SLOT)
+    local header = struct.pack('<ddI4', newest, sum + head - first, head)
+    if same_bucket and kept == state[STORED] then
+      -- Its expiry stands; only the first 20 bytes change. The offset is a string: Redis
+      -- formats a number argument with snprintf.
+      redis.call('SETRANGE', key, '0', header)
+    else
+      -- The newest bucket first, then the gap since the last charge as zeros, then the
+      -- buckets still in the window: at most span slots.
+      local rest = ''
+      if same_bucket then
+        rest = string.sub(raw, HEADER + 5, HEADER + 4 * kept)
+      elseif kept > 0 then
+        rest = string.rep('\0\0\0\0', age - 1) .. string.sub(raw, HEADER + 1, HEADER + 4 * kept)
+      end
+      -- Every bucket has left the window once the newest one has: expire then.
+      redis.call('SET', key, header .. rest, 'PXAT', (newest + state[SPAN]) * state[BUCKET_MS])
+    end
+  end
 end
 return reply
