@@ -48,11 +48,11 @@ class RedisPyScripts:
         self._window_end: asyncio.TimerHandle | None = None  # set while a window holds the queue
         self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
 
-    async def run(self, keys: list[str], args: list[int]) -> Any:
+    async def run(self, keys: list[str], args: list[bytes]) -> Any:
         send = self._batched if self._batching else self._evalsha
         return await self._guarded(with_script_loaded(lambda: send(keys, args), self._load, _is_noscript))
 
-    async def _batched(self, keys: list[str], args: list[int]) -> Any:
+    async def _batched(self, keys: list[str], args: list[bytes]) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Call(keys, args, future))
@@ -122,7 +122,7 @@ class RedisPyScripts:
             pipe.evalsha(SCRIPT_SHA, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
 
-    async def _evalsha(self, keys: list[str], args: list[int]) -> Any:
+    async def _evalsha(self, keys: list[str], args: list[bytes]) -> Any:
         self.round_trips += 1
         return await self._client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
 
@@ -173,7 +173,7 @@ def _is_noscript(exc: BaseException) -> bool:
 @dataclass(slots=True)
 class _Call:
     keys: list[str]
-    args: list[int]
+    args: list[bytes]
     future: asyncio.Future[Any]
 
     def settle(self, outcome: Any) -> None:

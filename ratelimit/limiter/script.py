@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 from importlib import resources
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
@@ -35,14 +36,22 @@ async def with_script_loaded(
         return await call()
 
 
-def script_arguments(requests: Sequence[CounterRequest]) -> tuple[list[str], list[int]]:
-    """KEYS and ARGV: one key and five numbers per counter."""
+# ARGV is one string: five little-endian doubles per counter. Redis hands every argument to
+# Lua as a string, and a number read out of one costs a strtod; one string read by
+# struct.unpack costs Redis 12% fewer instructions per decision than five numbers as text
+# (callgrind; README, "The state tier"). Every number sent is an integer below 2^53, which a
+# double holds exactly: limits below 2^32, hits capped at limit + 1, bucket lengths in ms.
+COUNTER_ARGUMENTS = struct.Struct("<5d")
+
+
+def script_arguments(requests: Sequence[CounterRequest]) -> tuple[list[str], list[bytes]]:
+    """KEYS and ARGV: one key per counter; limit, bucket_ms, span, hits and role per counter."""
     keys = [request.key for request in requests]
-    args: list[int] = []
-    for request in requests:
-        window = request.window
-        args += (request.limit, window.bucket_ms, window.span, request.hits, int(request.role))
-    return keys, args
+    packed = b"".join(
+        COUNTER_ARGUMENTS.pack(request.limit, request.window.bucket_ms, request.window.span, request.hits, request.role)
+        for request in requests
+    )
+    return keys, [packed]
 
 
 def decision_from_reply(reply: Any, count: int) -> Decision:

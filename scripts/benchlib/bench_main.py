@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from benchlib import report, statecost
+from benchlib import instructions, report, statecost
 from benchlib.procs import PROJECT_ROOT, require
 from benchlib.runner import Bench, Options, attach_ratios
 from benchlib.servers import (
@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--state",
         action="store_true",
-        help="only the state tier's cost (about a minute): Redis CPU per decision and bytes per counter of the "
+        help="only the state tier's cost (about two minutes): Redis CPU and instructions (callgrind) per decision "
+        "and bytes per counter of the "
         "project's script, of --baseline-rev's, and of a fixed-window INCRBY+PEXPIRE anchor; writes state.json",
     )
     parser.add_argument(
@@ -202,9 +203,17 @@ def with_baseline(plan: tuple[ServerSpec, ...], revision: str | None) -> tuple[S
 
 
 def state_main(options: Options) -> int:
-    """`--state`: the state tier's cost alone."""
+    """`--state`: the state tier's cost alone: Redis CPU, bytes, and instructions where callgrind runs."""
     table, document = statecost.run(options.baseline_rev, rounds=3, seconds=1.0, log=print)
     print(f"\n{table}")
+    why_not = instructions.available()
+    if why_not is None:
+        counted, document["instructions_per_decision"] = instructions.table(
+            statecost.sources_of(options.baseline_rev), log=print
+        )
+        print(f"\n{counted}")
+    else:
+        print(f"\nno instruction counts: {why_not}")
     report.write_json(options.out_dir / "state.json", {"baseline_rev": options.baseline_rev, **document})
     print(f"\nwrote {options.out_dir / 'state.json'}")
     return 0

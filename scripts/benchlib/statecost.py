@@ -53,9 +53,21 @@ def baseline_source(revision: str) -> str:
     ).stdout
 
 
-def _requests(prefix: str, user: int, descriptors: int, unit: Unit = Unit.MINUTE) -> list[CounterRequest]:
+def sources_of(baseline_rev: str | None) -> dict[str, str]:
+    """The scripts compared: this tree's ("project") and, given a revision, that revision's."""
+    sources = {"project": SCRIPT_SOURCE}
+    if baseline_rev:
+        sources[f"at {baseline_rev}"] = baseline_source(baseline_rev)
+    return sources
+
+
+def window_of(unit: Unit) -> WindowSpec:
+    return WindowSpec.for_rule(Algorithm.SLIDING_WINDOW, unit.seconds)
+
+
+def counter_requests(prefix: str, user: int, descriptors: int, unit: Unit = Unit.MINUTE) -> list[CounterRequest]:
     """Counters of one user; each contender has its own prefix (the layouts differ)."""
-    window = WindowSpec.for_rule(Algorithm.SLIDING_WINDOW, int(unit))
+    window = window_of(unit)
     return [
         CounterRequest(
             key=counter_key(prefix, "bench", (("user", str(user)), ("rule", str(d))), unit, Algorithm.SLIDING_WINDOW),
@@ -68,11 +80,11 @@ def _requests(prefix: str, user: int, descriptors: int, unit: Unit = Unit.MINUTE
     ]
 
 
-def _seed(client: redis.Redis, keys: Sequence[str], layout: str) -> None:
+def seed(client: redis.Redis, keys: Sequence[str], layout: str, unit: Unit = Unit.MINUTE) -> None:
     """Hits in every bucket of the window, up to the current one: counters in steady state, as
     after a minute of traffic (a phase lasts a second; without this they would hold one bucket)."""
     seconds, micros = client.time()
-    window = WindowSpec.for_rule(Algorithm.SLIDING_WINDOW, int(Unit.MINUTE))
+    window = window_of(unit)
     current = (int(seconds) * 1000 + int(micros) // 1000) // window.bucket_ms
     buckets = {current - age: 1 for age in range(window.span)}
     pipe = client.pipeline(transaction=False)
@@ -80,20 +92,34 @@ def _seed(client: redis.Redis, keys: Sequence[str], layout: str) -> None:
         if layout == "hash":  # the layout before the packed one: {bucket index: hits}
             pipe.delete(key)
             pipe.hset(key, mapping={str(bucket): hits for bucket, hits in buckets.items()})
-            pipe.pexpire(key, 61_500)
+            pipe.pexpire(key, window.span * window.bucket_ms)
         else:
-            pipe.set(key, counters.encode(buckets), px=61_500)
+            pipe.set(key, counters.encode(buckets), px=window.span * window.bucket_ms)
     pipe.execute()
 
 
-def _layout(source: str) -> str:
+def layout_of(source: str) -> str:
     return "hash" if "HGETALL" in source else "packed"
 
 
-def _script_sender(prefix: str, sha: str, descriptors: int) -> Sender:
+def text_arguments(requests: Sequence[CounterRequest]) -> tuple[list[str], list[int]]:
+    """The arguments of scripts before they were packed into one string: five numbers per counter."""
+    args: list[int] = []
+    for request in requests:
+        args += (request.limit, request.window.bucket_ms, request.window.span, request.hits, int(request.role))
+    return [request.key for request in requests], args
+
+
+def arguments_of(source: str) -> Callable[[Sequence[CounterRequest]], tuple[list[str], Sequence[object]]]:
+    """How `source` (this tree's script or an earlier revision's) takes its arguments."""
+    return text_arguments if "ARGV[base + 1]" in source else script_arguments
+
+
+def script_sender(source: str, prefix: str, sha: str, descriptors: int, unit: Unit = Unit.MINUTE) -> Sender:
+    arguments = arguments_of(source)
     prepared = []
     for user in range(KEYS):
-        keys, args = script_arguments(_requests(prefix, user, descriptors))
+        keys, args = arguments(counter_requests(prefix, user, descriptors, unit))
         prepared.append((keys, args))
 
     def send(pipe: redis.client.Pipeline, n: int) -> None:
@@ -103,8 +129,8 @@ def _script_sender(prefix: str, sha: str, descriptors: int) -> Sender:
     return send
 
 
-def _anchor_sender(prefix: str, descriptors: int) -> Sender:
-    keys = [[request.key for request in _requests(prefix, user, descriptors)] for user in range(KEYS)]
+def anchor_sender(prefix: str, descriptors: int, unit: Unit = Unit.MINUTE) -> Sender:
+    keys = [[request.key for request in counter_requests(prefix, user, descriptors, unit)] for user in range(KEYS)]
 
     def send(pipe: redis.client.Pipeline, n: int) -> None:
         for key in keys[n % KEYS]:
@@ -114,7 +140,7 @@ def _anchor_sender(prefix: str, descriptors: int) -> Sender:
     return send
 
 
-def _prefix(contender: str) -> str:
+def prefix_of(contender: str) -> str:
     """Same length for every contender, so their keys cost the same bytes."""
     return f"c{hash(contender) % 10**8:08d}:"
 
@@ -145,18 +171,19 @@ def _measure(client: redis.Redis, send: Sender, batch: int, seconds: float) -> t
     return cpu_us, script, commands / decisions
 
 
-def _counter_bytes(client: redis.Redis, name: str, sha: str | None) -> tuple[int, int]:
+def _counter_bytes(client: redis.Redis, name: str, source: str | None, sha: str | None) -> tuple[int, int]:
     """MEMORY USAGE of a counter hit once, and of one with hits in every bucket of its window."""
-    once = _requests(_prefix(name), KEYS + 1, 1)[0]
-    full = _requests(_prefix(name), KEYS + 2, 1, unit=Unit.SECOND)[0]
-    if sha is None:  # the anchor: one key per counter, whatever the window
+    once = counter_requests(prefix_of(name), KEYS + 1, 1)[0]
+    full = counter_requests(prefix_of(name), KEYS + 2, 1, unit=Unit.SECOND)[0]
+    if source is None or sha is None:  # the anchor: one key per counter, whatever the window
         client.incrby(once.key, 1)
         client.pexpire(once.key, 60_000)
         size = int(client.memory_usage(once.key) or 0)
         return size, size
-    keys, args = script_arguments([once])
+    arguments = arguments_of(source)
+    keys, args = arguments([once])
     client.evalsha(sha, 1, *keys, *args)
-    keys, args = script_arguments([full])
+    keys, args = arguments([full])
     end = time.monotonic() + 1.1  # 44 buckets of 25 ms: every one of the 41 counted holds hits
     while time.monotonic() < end:
         client.evalsha(sha, 1, *keys, *args)
@@ -175,9 +202,7 @@ class StateCost:
 def measure(
     baseline_rev: str | None, rounds: int = 3, seconds: float = 1.0, log: Callable[[str], None] = print
 ) -> StateCost:
-    sources = {"project": SCRIPT_SOURCE}
-    if baseline_rev:
-        sources[f"at {baseline_rev}"] = baseline_source(baseline_rev)
+    sources = sources_of(baseline_rev)
     contenders = [*sources, ANCHOR]
     cells: dict[tuple[str, int, int], Cell] = {}
     bytes_once: dict[str, int] = {}
@@ -186,16 +211,18 @@ def measure(
         client = redis.Redis(port=server.port)
         shas = {name: client.script_load(source) for name, source in sources.items()}
         for name in contenders:
-            bytes_once[name], bytes_full[name] = _counter_bytes(client, name, shas.get(name))
+            bytes_once[name], bytes_full[name] = _counter_bytes(client, name, sources.get(name), shas.get(name))
         senders = {
             (name, d): (
-                _script_sender(_prefix(name), shas[name], d) if name in shas else _anchor_sender(_prefix(name), d)
+                script_sender(sources[name], prefix_of(name), shas[name], d)
+                if name in shas
+                else anchor_sender(prefix_of(name), d)
             )
             for name in contenders
             for d in DESCRIPTORS
         }
         seeded = {
-            (name, d): [request.key for user in range(KEYS) for request in _requests(_prefix(name), user, d)]
+            (name, d): [request.key for user in range(KEYS) for request in counter_requests(prefix_of(name), user, d)]
             for name in sources
             for d in DESCRIPTORS
         }
@@ -205,7 +232,7 @@ def measure(
                     for name in contenders if round_number % 2 == 0 else contenders[::-1]:
                         cell = cells.setdefault((name, d, batch), Cell())
                         if name in sources:
-                            _seed(client, seeded[name, d], _layout(sources[name]))
+                            seed(client, seeded[name, d], layout_of(sources[name]))
                         cpu_us, script_us, commands = _measure(client, senders[name, d], batch, seconds)
                         cell.cpu_us.append(cpu_us)
                         cell.script_us.append(script_us)

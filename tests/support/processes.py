@@ -102,8 +102,13 @@ def redis_server_binary() -> str:
 
 
 @contextlib.contextmanager
-def running_redis(port: int | None = None, extra_args: Sequence[str] = ()) -> Iterator[RedisServer]:
-    """A throwaway redis-server on loopback, no persistence."""
+def running_redis(
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    wrapper: Sequence[str] = (),
+    start_timeout_s: float = 10.0,
+) -> Iterator[RedisServer]:
+    """A throwaway redis-server on loopback, no persistence; `wrapper` runs it (valgrind ...)."""
     port = port or free_port()
     directory = Path(tempfile.mkdtemp(prefix="ratelimit-redis-"))
     # extra_args may move the port ("--port 0 --tls-port N"); give --port only once.
@@ -112,6 +117,7 @@ def running_redis(port: int | None = None, extra_args: Sequence[str] = ()) -> It
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             [
+                *wrapper,
                 redis_server_binary(),
                 *port_args,
                 *("--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
@@ -123,7 +129,7 @@ def running_redis(port: int | None = None, extra_args: Sequence[str] = ()) -> It
         )
     server = RedisServer(port=port, process=process, directory=directory)
     try:
-        wait_for_port(port, process=process, log=log)
+        wait_for_port(port, start_timeout_s, process=process, log=log)
         yield server
     finally:
         server.stop()

@@ -2,7 +2,8 @@
 --
 -- KEYS[i]  counter i: a string (layout below); all keys share one hash slot.
 --          A key may appear more than once (a request may name one counter twice).
--- ARGV     five values per counter, in KEYS order:
+-- ARGV[1]  five numbers per counter, in KEYS order, each a little-endian IEEE double (so
+--          40 bytes a counter; Lua reads them with one struct.unpack, text with a strtod each):
 --            limit      requests per unit (integer, 0 <= limit < 2^32)
 --            bucket_ms  bucket length in milliseconds
 --            span       buckets counted, the current one included (1 = fixed window)
@@ -33,7 +34,8 @@
 -- Written for Redis's Lua 5.1, where the script's own work was half of what a decision costs
 -- Redis (callgrind, README "The state tier"): no local functions (each would be a new closure
 -- on every call), one table per distinct counter with numbered fields, the reply filled in
--- place, and numbers read from strings by arithmetic (tonumber() parses a string twice).
+-- place, numbers read from strings by arithmetic (tonumber() parses a string twice), and the
+-- arguments packed in one string.
 
 local time = redis.call('TIME')
 local now_ms = time[1] * 1000 + math.floor(time[2] / 1000)
@@ -58,15 +60,10 @@ local quota_counters = 0
 local quota_over = 0
 
 for i = 1, count do
-  local base = i * 5 - 5
-  local limit = ARGV[base + 1] + 0
-  local hits = ARGV[base + 4] + 0
-  local role = ARGV[base + 5] + 0
+  local limit, bucket_ms, span, hits, role = struct.unpack('<ddddd', ARGV[1], i * 40 - 39)
   local key = KEYS[i]
   local state = state_of and state_of[key]
   if not state then
-    local bucket_ms = ARGV[base + 2] + 0
-    local span = ARGV[base + 3] + 0
     local current = math.floor(now_ms / bucket_ms)
     state = {key, bucket_ms, span, 0, 0, 0, 0, 0, current, ''}
     local raw = values[i]
@@ -100,7 +97,9 @@ for i = 1, count do
   -- first. Within the limit that is the oldest counted hit (with none, a hit made now), since
   -- everything fits already; over it, the first bucket whose leaving makes room. Bucket b
   -- leaves at (b + span) * bucket_ms; more hits than the limit never fit: a clear window.
-  local bucket_ms, span, newest = state[BUCKET_MS], state[SPAN], state[NEWEST]
+  -- A key named again keeps the window of its first mention.
+  bucket_ms, span = state[BUCKET_MS], state[SPAN]
+  local newest = state[NEWEST]
   local reset = (newest + span) * bucket_ms - now_ms
   if sum ~= 0 then
     local top = newest - state[AGE]
