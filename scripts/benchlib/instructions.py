@@ -70,7 +70,8 @@ def count(source: str | None, descriptors: int, decisions: int = DECISIONS, batc
             if source is None:
                 send = statecost.anchor_sender(prefix, descriptors, UNIT)
             else:
-                send = statecost.script_sender(source, prefix, client.script_load(source), descriptors, UNIT)
+                client.script_load(source)
+                send = statecost.script_sender(source, prefix, descriptors, UNIT)
             for _attempt in range(3):
                 if source is not None:
                     statecost.seed(client, keys, statecost.layout_of(source), UNIT)

@@ -15,6 +15,7 @@ per-minute counter has the same layout and key length, so the same bytes).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import statistics
 import subprocess
 import time
@@ -115,8 +116,14 @@ def arguments_of(source: str) -> Callable[[Sequence[CounterRequest]], tuple[list
     return text_arguments if "ARGV[base + 1]" in source else script_arguments
 
 
-def script_sender(source: str, prefix: str, sha: str, descriptors: int, unit: Unit = Unit.MINUTE) -> Sender:
-    arguments = arguments_of(source)
+def sha_of(source: str) -> str:
+    """What Redis calls a loaded script."""
+    return hashlib.sha1(source.encode()).hexdigest()
+
+
+def script_sender(source: str, prefix: str, descriptors: int, unit: Unit = Unit.MINUTE) -> Sender:
+    """Decision n as one EVALSHA of `source` (loaded already) on the counters of user n % KEYS."""
+    sha, arguments = sha_of(source), arguments_of(source)
     prepared = []
     for user in range(KEYS):
         keys, args = arguments(counter_requests(prefix, user, descriptors, unit))
@@ -171,16 +178,16 @@ def _measure(client: redis.Redis, send: Sender, batch: int, seconds: float) -> t
     return cpu_us, script, commands / decisions
 
 
-def _counter_bytes(client: redis.Redis, name: str, source: str | None, sha: str | None) -> tuple[int, int]:
+def _counter_bytes(client: redis.Redis, name: str, source: str | None) -> tuple[int, int]:
     """MEMORY USAGE of a counter hit once, and of one with hits in every bucket of its window."""
     once = counter_requests(prefix_of(name), KEYS + 1, 1)[0]
     full = counter_requests(prefix_of(name), KEYS + 2, 1, unit=Unit.SECOND)[0]
-    if source is None or sha is None:  # the anchor: one key per counter, whatever the window
+    if source is None:  # the anchor: one key per counter, whatever the window
         client.incrby(once.key, 1)
         client.pexpire(once.key, 60_000)
         size = int(client.memory_usage(once.key) or 0)
         return size, size
-    arguments = arguments_of(source)
+    sha, arguments = sha_of(source), arguments_of(source)
     keys, args = arguments([once])
     client.evalsha(sha, 1, *keys, *args)
     keys, args = arguments([full])
@@ -209,13 +216,14 @@ def measure(
     bytes_full: dict[str, int] = {}
     with running_redis() as server:
         client = redis.Redis(port=server.port)
-        shas = {name: client.script_load(source) for name, source in sources.items()}
+        for source in sources.values():
+            client.script_load(source)
         for name in contenders:
-            bytes_once[name], bytes_full[name] = _counter_bytes(client, name, sources.get(name), shas.get(name))
+            bytes_once[name], bytes_full[name] = _counter_bytes(client, name, sources.get(name))
         senders = {
             (name, d): (
-                script_sender(sources[name], prefix_of(name), shas[name], d)
-                if name in shas
+                script_sender(sources[name], prefix_of(name), d)
+                if name in sources
                 else anchor_sender(prefix_of(name), d)
             )
             for name in contenders
