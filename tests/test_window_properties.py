@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ratelimit.config.model import Algorithm, Unit
+from ratelimit.guards import RequestCaps
 from ratelimit.limiter import CounterRequest, Role
 from ratelimit.limiter.memory import MemoryBackend
 from ratelimit.limiter.redis_backend import RedisBackend
@@ -180,3 +181,47 @@ def test_the_interval_checker_flags_limit_plus_one_hits() -> None:
     """The checker itself must flag limit + 1 hits inside one closed unit interval."""
     assert max_hits_in_any_window([0, 500, 1000], 1000) == 3
     assert max_hits_in_any_window([0, 500, 1001], 1000) == 2
+
+
+def test_the_largest_request_the_caps_allow_agrees_with_the_reference(redis_url: str) -> None:
+    """As many counters as --max-descriptors lets through (64), a quarter of them named twice,
+    every unit, limits from 0 to 2^32 - 1 and hits up to their cap of limit + 1: the packed
+    arguments carry every number exactly, each request is one round trip, and Redis and the
+    twin agree on every answer."""
+    rng = random.Random(11)
+    size = RequestCaps().max_descriptors
+    units = [unit for unit in Unit if unit is not Unit.UNKNOWN]
+    # (limit, role): a shadow counter that is always over, quota counters over after one hit,
+    # and enforcing ones, the widest limit included.
+    kinds = ((0, Role.SHADOW), (1, Role.QUOTA), (50, Role.ENFORCE), (2**32 - 1, Role.ENFORCE))
+    names = [(f"wide{i}", *kinds[i % len(kinds)], units[i % len(units)]) for i in range(size * 3 // 4)]
+    plans: list[list[CounterRequest]] = []
+    for _ in range(40):
+        mentions = names + rng.sample(names, size - len(names))
+        rng.shuffle(mentions)
+        extreme = rng.random() < 0.5  # hits up to the cap of limit + 1, which rejects
+        plans.append(
+            [
+                counter(name, limit, unit=unit, role=role, hits=rng.choice((0, 1, limit + 1) if extreme else (0, 1)))
+                for name, limit, role, unit in mentions
+            ]
+        )
+
+    async def drive() -> tuple[list, int]:
+        backend = RedisBackend(redis_url, timeout_s=2.0)
+        await backend.prepare()
+        before = backend.round_trips
+        decisions = [await backend.evaluate(plan) for plan in plans]
+        round_trips = backend.round_trips - before
+        await backend.close()
+        return decisions, round_trips
+
+    decisions, round_trips = asyncio.run(drive())
+    assert round_trips == len(plans)
+    assert any(d.admitted for d in decisions) and not all(d.admitted for d in decisions)
+    clock = ManualClock(0)
+    twin = MemoryBackend(clock)
+    for plan, from_redis in zip(plans, decisions):
+        assert len(plan) == size
+        clock.now_ms = from_redis.now_ms
+        assert twin.evaluate_now(plan) == from_redis

@@ -88,6 +88,7 @@ TARGETS = (
             "tests/test_oracle_window.py",
             "tests/test_limiter.py",
             "tests/test_window_properties.py::test_lua_script_and_python_reference_agree",
+            "tests/test_window_properties.py::test_the_largest_request_the_caps_allow_agrees_with_the_reference",
         ),
         # The script runs only on Redis: the in-memory cases cannot kill its mutants.
         ("-k", "not memory", *_LIMITER_FAST),
