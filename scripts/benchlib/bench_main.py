@@ -73,9 +73,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--state",
         action="store_true",
-        help="only the state tier's cost (about two minutes): Redis CPU and instructions (callgrind) per decision "
-        "and bytes per counter of the "
-        "project's script, of --baseline-rev's, and of a fixed-window INCRBY+PEXPIRE anchor; writes state.json",
+        help="only the state tier's cost (about a minute and a half): Redis CPU and instructions (callgrind) "
+        "per decision and bytes per counter of the project's script, of --baseline-rev's, and of a fixed-window "
+        "INCRBY+PEXPIRE anchor; writes state.json",
     )
     parser.add_argument(
         "--window",
