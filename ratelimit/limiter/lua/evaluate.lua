@@ -97,8 +97,7 @@ for i = 1, count do
   -- first. Within the limit that is the oldest counted hit (with none, a hit made now), since
   -- everything fits already; over it, the first bucket whose leaving makes room. Bucket b
   -- leaves at (b + span) * bucket_ms; more hits than the limit never fit: a clear window.
-  -- A key named again keeps the window of its first mention.
-  bucket_ms, span = state[BUCKET_MS], state[SPAN]
+  bucket_ms, span = state[BUCKET_MS], state[SPAN] -- a key named again: its first mention's window
   local newest = state[NEWEST]
   local reset = (newest + span) * bucket_ms - now_ms
   if sum ~= 0 then
