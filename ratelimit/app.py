@@ -71,7 +71,10 @@ def make_store(settings: Settings, metrics: Metrics) -> tuple[Backend, CircuitBr
         connection_options=redis_tls_options(settings),
         on_round_trip=metrics.backend_duration.observe,
         pipeline_window=PipelineWindow(
-            settings.redis_pipeline_window_us / 1e6, settings.redis_pipeline_limit, settings.redis_pipeline_min_rate
+            settings.redis_pipeline_window_us / 1e6,
+            settings.redis_pipeline_limit,
+            settings.redis_pipeline_min_rate,
+            settings.redis_pipeline_min_busy,
         ),
     )
     breaker = CircuitBreaker(

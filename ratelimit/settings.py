@@ -102,10 +102,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--redis-pipeline-window-us",
-        0.0,
+        3000.0,
         "with batching, hold a script call up to this long (microseconds) when the previous one came less "
         "than this long ago, so that calls close together share one write to Redis (less Redis and server "
-        "CPU under load, up to this much latency); a call after a quiet spell goes at once; 0: off",
+        "CPU under load, up to this much latency); by default only while the replica is saturated "
+        "(--redis-pipeline-min-busy); a call after a quiet spell goes at once; 0: off",
         _bounded(float, 0.0, MAX_PIPELINE_WINDOW_US),
     ),
     Option(
@@ -121,6 +122,14 @@ OPTIONS: tuple[Option, ...] = (
         "over the last tenth of a second, so a replica below that load never waits; "
         "0: whenever the previous call came within the window",
         _bounded(float, 0.0, 10_000_000.0),
+    ),
+    Option(
+        "--redis-pipeline-min-busy",
+        0.85,
+        "with a pipeline window: hold calls only while the event loop's thread is saturated: it ran or "
+        "waited for a CPU at least this share (0-1) of two tenths of a second in a row, until a tenth "
+        "falls below 0.7 times it; 0: whenever the previous call came within the window",
+        _ratio,
     ),
     Option("--over-limit-cache", True, "answer requests for counters known full locally, until Redis's reset", _bool),
     Option(
@@ -220,6 +229,7 @@ class Settings:
     redis_pipeline_window_us: float
     redis_pipeline_limit: int
     redis_pipeline_min_rate: float
+    redis_pipeline_min_busy: float
     over_limit_cache: bool
     over_limit_cache_entries: int
     workers: int

@@ -18,7 +18,7 @@ import redis
 from ratelimit.client import AsyncRateLimitClient
 from ratelimit.config.model import Algorithm
 from ratelimit.limiter import BackendError
-from ratelimit.limiter.pipeline_window import RATE_INTERVAL_S, PipelineWindow
+from ratelimit.limiter.pipeline_window import BUSY_RELEASE, RATE_INTERVAL_S, PipelineWindow
 from ratelimit.limiter.pipelined import Endpoint, PipelinedRedis
 from ratelimit.limiter.redis_backend import RedisBackend
 from ratelimit.limiter.types import CounterRequest, WindowSpec
@@ -207,6 +207,57 @@ def test_a_steady_load_of_independent_callers_below_the_gate_is_never_held(
     assert held_share[0] <= share <= held_share[1]
 
 
+class BusyShares:
+    """Stands in for the loop thread's busy meter: one share per reading, in order."""
+
+    def __init__(self, shares: list[float]) -> None:
+        self.shares = list(shares)
+        self.readings = 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        return self.shares.pop(0)
+
+
+def test_with_a_minimum_busy_share_calls_are_held_from_two_busy_intervals_until_one_well_below() -> None:
+    assert (RATE_INTERVAL_S, BUSY_RELEASE) == (0.1, 0.7)  # the shares below are laid out around them
+    # Calls every 1/64 s, each well within the window. The first call's reading begins the first
+    # span; every 7th call (7/64 s after the one that began its interval) ends an interval, and
+    # what that interval read decides for it and the next six: one row each below.
+    shares = BusyShares([0.0, 0.9, 0.95, 0.6, 0.55, 0.9, 0.5, 0.9, 0.85, 0.8])
+    window = PipelineWindow(0.5, min_busy=0.8, busy_share=shares)
+    held = [window.hold(10.0 + k / 64) for k in range(70)]
+    rows = [set(held[7 * k : 7 * k + 7]) for k in range(10)]
+    assert rows == [
+        {False},  # the first interval: nothing read yet
+        {False},  # 0.9: one busy interval is not two
+        {True},  # 0.95: two in a row: saturated
+        {True},  # 0.6: still at or above 0.7 x 0.8 = 0.56
+        {False},  # 0.55: below it: let go
+        {False},  # 0.9: one again
+        {False},  # 0.5: a single busy interval between idle ones (a stall) never holds
+        {False},  # 0.9
+        {True},  # 0.85: two in a row
+        {True},  # 0.8: exactly the share is enough
+    ]
+    assert shares.readings == 10 and not shares.shares  # once per interval, not per call
+
+
+def test_a_busy_replica_is_held_only_while_its_calls_also_come_close_together_and_fast_enough() -> None:
+    # Saturated and within the window, but slower than the minimum rate: never held.
+    slow = PipelineWindow(0.5, min_rate=1_000.0, min_busy=0.5, busy_share=lambda: 1.0)
+    assert not any(slow.hold(10.0 + k / 64) for k in range(64))
+    # Saturated and fast, but each call a window after the last: never held.
+    apart = PipelineWindow(0.01, min_busy=0.5, busy_share=lambda: 1.0)
+    assert not any(apart.hold(10.0 + k / 64) for k in range(64))
+    # An interval that spans a quiet spell is read over all of it (idle): holding lets go, so
+    # the burst after the spell goes at once until two busy intervals of its own.
+    shares = BusyShares([0.0, 1.0, 1.0, 0.01])
+    window = PipelineWindow(0.5, min_busy=0.5, busy_share=shares)
+    times = (1.0, 1.0625, 1.125, 1.25, 1.3125, 5.0, 5.0625)
+    assert [window.hold(t) for t in times] == [False, False, False, True, True, False, False]
+
+
 def test_a_trickle_below_the_minimum_rate_is_never_held(redis_server: RedisServer, redis_url: str) -> None:
     window_s = 0.2
 
@@ -230,6 +281,50 @@ def test_a_trickle_below_the_minimum_rate_is_never_held(redis_server: RedisServe
     assert held[0] >= window_s * 0.9  # without the rate, the first call waited out the window
 
 
+def spin(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+def test_a_window_gated_on_saturation_holds_calls_while_the_loop_is_busy_and_never_while_it_waits(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """The default gate, with the real meter of the loop thread: calls a millisecond apart, each
+    within the 3 ms window, go alone while the loop waits for them; once the loop spends its time
+    computing (as a saturated replica's does), they share writes; when it waits again, they go
+    alone again."""
+
+    async def phase(client: PipelinedRedis, seconds: float, busy: bool) -> tuple[int, int]:
+        before, calls = client.round_trips, []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            calls.append(asyncio.ensure_future(client.execute("INCR", "gated")))
+            if busy:
+                spin(0.0005)  # the loop computes between calls
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0.001)  # the loop waits for the next call
+        await asyncio.gather(*calls)
+        return len(calls), client.round_trips - before
+
+    async def scenario(client: PipelinedRedis) -> list[tuple[int, int]]:
+        await client.execute("PING")
+        waiting = await phase(client, 0.5, busy=False)
+        await phase(client, 0.3, busy=True)  # two busy tenths of a second and more
+        saturated = await phase(client, 0.5, busy=True)
+        await phase(client, 0.2, busy=False)  # a tenth of a second or two to let go
+        waiting_again = await phase(client, 0.5, busy=False)
+        return [waiting, saturated, waiting_again]
+
+    window = PipelineWindow(0.003, min_busy=0.85)
+    phases = run_client(Endpoint(port=redis_server.port), scenario, window=window)
+    (calls, writes), (busy_calls, busy_writes), (later_calls, later_writes) = phases
+    assert calls > 100 and writes >= calls * 0.9, phases  # never held (a write can only wait for two in flight)
+    assert busy_calls > 100 and busy_writes <= busy_calls / 3, phases  # held: about 6 calls per 3 ms
+    assert later_writes >= later_calls * 0.9, phases
+
+
 def test_windows_that_are_not_numbers_of_seconds_or_limits_below_zero_are_refused() -> None:
     for window_s in (-0.001, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="pipeline window"):
@@ -239,6 +334,9 @@ def test_windows_that_are_not_numbers_of_seconds_or_limits_below_zero_are_refuse
     for rate in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="pipeline minimum rate"):
             PipelineWindow(0.001, min_rate=rate)
+    for share in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="pipeline minimum busy share"):
+            PipelineWindow(0.001, min_busy=share)
 
 
 @pytest.mark.parametrize(
@@ -248,6 +346,7 @@ def test_windows_that_are_not_numbers_of_seconds_or_limits_below_zero_are_refuse
         (["--redis-pipeline-window-us", "nan"], "--redis-pipeline-window-us: 'nan' is not between 0 and 10000"),
         (["--redis-pipeline-limit", "-1"], "--redis-pipeline-limit: '-1' is not between 0 and 1e+06"),
         (["--redis-pipeline-min-rate", "-5"], "--redis-pipeline-min-rate: '-5' is not between 0 and 1e+07"),
+        (["--redis-pipeline-min-busy", "1.5"], "--redis-pipeline-min-busy: '1.5' is not between 0 and 1"),
         (
             ["--redis-pipeline-window-us", "6000", "--redis-timeout-ms", "5"],
             "--redis-pipeline-window-us 6000 must be below --redis-timeout-ms 5",
@@ -373,7 +472,8 @@ def test_a_replica_with_a_window_answers_concurrent_calls_in_fewer_redis_reads(
     admin = redis.Redis(port=redis_server.port)
     limits = tmp_path / "limits.yaml"
     limits.write_text("domain: d\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 5}\n")
-    extra = ["--redis-pipeline-window-us", "9000", "--over-limit-cache", "false"]
+    # Held whenever calls come close (the default holds only while the replica is saturated).
+    extra = ["--redis-pipeline-window-us", "9000", "--redis-pipeline-min-busy", "0", "--over-limit-cache", "false"]
 
     async def burst(target: str) -> list[str]:
         async with AsyncRateLimitClient(target, timeout_s=5) as client:

@@ -11,12 +11,13 @@ from benchlib.procs import PROJECT_ROOT, python_command
 
 # The optimisation flags each row sets; a build without one of them skips the rows that need it.
 OPTIMISATION_FLAGS = ("redis-batching", "over-limit-cache", "workers", "event-loop")
-HEADLINE = "batch+cache"
-# HEADLINE's flags with --redis-pipeline-window-us 3000 --redis-pipeline-min-rate 2000: held only
-# above 2,000 calls/s, so a half-loaded server (about 1,500/s here) never waits, while a fully
-# loaded one, 4 descriptors a call included (about 2,800/s), is held.
-WINDOW = "gated 3ms"  # a name that is also a file name (the server log)
-WINDOW_US, WINDOW_MIN_RATE = 3000, 2000
+HEADLINE = "batch+cache"  # the defaults: a 3 ms pipeline window held only while the replica is saturated
+# HEADLINE's flags with the pipeline window off: what the window gives.
+WINDOW_OFF = "window off"
+# HEADLINE's flags with the window gated by a call rate instead (--redis-pipeline-min-rate 2000):
+# held only above 2,000 calls/s, the gate of the releases before the saturation gate.
+RATE_GATED = "rate-gated 3ms"  # a name that is also a file name (the server log)
+WINDOW_US, RATE_GATE = 3000, 2000
 # The no-op ceiling once more at HEADLINE's half-peak rate, right after HEADLINE's own phase
 # at it: what the machine alone does to the tail at the rate of the p99 target.
 SAME_RATE = "same rate"
@@ -45,8 +46,10 @@ class ServerSpec:
     redis: str = "single"  # "single": the run's redis-server; "cluster": its Redis Cluster
     trace_sampling_ratio: float | None = None  # tracing on at this ratio (to the run's receiver); None: off
     revision: str | None = None  # a git revision whose server runs (from a checkout of it); None: this tree
-    pipeline_window_us: float = 0.0  # --redis-pipeline-window-us; 0: the server's default (off)
-    pipeline_min_rate: float = 0.0  # --redis-pipeline-min-rate
+    # --redis-pipeline-window-us, --redis-pipeline-min-rate, --redis-pipeline-min-busy; None: the server's default
+    pipeline_window_us: float | None = None
+    pipeline_min_rate: float | None = None
+    pipeline_min_busy: float | None = None
 
     @property
     def name(self) -> str:
@@ -60,19 +63,20 @@ class ServerSpec:
         return "uvloop" if self.event_loop == "uvloop" else "asyncio"
 
 
-def windowed(variant: str, window_us: float, min_rate: float = 0.0) -> ServerSpec:
-    """HEADLINE's flags with a pipeline window, 1 and 4 desc, swept open-loop at HEADLINE's
-    offered rates (latency at equal load)."""
+def windowed(variant: str, window_us: float, min_rate: float = 0.0, min_busy: float = 0.0) -> ServerSpec:
+    """HEADLINE's flags with another pipeline window (0: off) or gate, 1 and 4 desc, swept
+    open-loop at HEADLINE's offered rates (latency at equal load)."""
     return ServerSpec(
         "project",
         variant,
         pipeline_window_us=window_us,
         pipeline_min_rate=min_rate,
+        pipeline_min_busy=min_busy,
         scenarios=("1 desc", "4 desc"),
         quick_scenarios=("1 desc", "4 desc"),
         sweep=True,
         sweep_rates_of=HEADLINE,
-        needs=("redis-pipeline-min-rate",) if min_rate else ("redis-pipeline-window-us",),
+        needs=("redis-pipeline-min-busy",),  # before it, the window was off by default
     )
 
 
@@ -80,7 +84,7 @@ PLAN = (
     ServerSpec("ceiling", "asyncio", scenarios=("1 desc", "4 desc"), sweep=True),
     ServerSpec("naive", "asyncio", scenarios=ALL_SCENARIOS, quick_scenarios=("1 desc", "4 desc"), sweep=True),
     ServerSpec("project", HEADLINE, scenarios=ALL_SCENARIOS, quick_scenarios=ALL_SCENARIOS, sweep=True),
-    windowed(WINDOW, WINDOW_US, WINDOW_MIN_RATE),
+    windowed(WINDOW_OFF, 0),
     ServerSpec("project", "batching off", batching=False, scenarios=("1 desc", "4 desc"), needs=("redis-batching",)),
     ServerSpec(
         "project",
@@ -114,17 +118,19 @@ def tracing_plan(pre_tracing_revision: str | None) -> tuple[ServerSpec, ...]:
     return tuple(plan)
 
 
-WINDOWS_US = (0, 500, 1000, 2000, 3000)  # scripts/bench --window
+WINDOWS_US = (500, 1000, 2000, 3000)  # scripts/bench --window, each held whenever calls come close
 
 
 def window_plan() -> tuple[ServerSpec, ...]:
-    """`scripts/bench --window`: HEADLINE's flags at each of WINDOWS_US (0: HEADLINE itself), 1 and
-    4 descriptors, each swept open-loop at HEADLINE's rates (latency at equal load)."""
+    """`scripts/bench --window`: HEADLINE (the saturation-gated 3 ms window), the window off, each
+    of WINDOWS_US ungated, and 3 ms gated by a call rate, 1 and 4 descriptors, each swept
+    open-loop at HEADLINE's rates (latency at equal load)."""
     both = ("1 desc", "4 desc")
     return (
         ServerSpec("project", HEADLINE, scenarios=both, quick_scenarios=both, sweep=True),
-        *(windowed(f"window {window_us}us", window_us) for window_us in WINDOWS_US[1:]),
-        windowed(WINDOW, WINDOW_US, WINDOW_MIN_RATE),
+        windowed(WINDOW_OFF, 0),
+        *(windowed(f"window {window_us}us", window_us) for window_us in WINDOWS_US),
+        windowed(RATE_GATED, WINDOW_US, min_rate=RATE_GATE),
     )
 
 
@@ -197,10 +203,13 @@ def command_line(
             command += [f"--{flag}", values[flag]]
     if redis_timeout_ms is not None:
         command += ["--redis-timeout-ms", f"{redis_timeout_ms:g}"]
-    if spec.pipeline_window_us:
-        command += ["--redis-pipeline-window-us", f"{spec.pipeline_window_us:g}"]
-    if spec.pipeline_min_rate:
-        command += ["--redis-pipeline-min-rate", f"{spec.pipeline_min_rate:g}"]
+    for flag, value in (
+        ("--redis-pipeline-window-us", spec.pipeline_window_us),
+        ("--redis-pipeline-min-rate", spec.pipeline_min_rate),
+        ("--redis-pipeline-min-busy", spec.pipeline_min_busy),
+    ):
+        if value is not None:
+            command += [flag, f"{value:g}"]
     if spec.trace_sampling_ratio is not None and otlp_endpoint:
         command += ["--otlp-endpoint", otlp_endpoint, "--trace-sampling-ratio", f"{spec.trace_sampling_ratio:g}"]
     return command
