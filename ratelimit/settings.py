@@ -102,7 +102,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--redis-pipeline-window-us",
-        3000.0,
+        5000.0,
         "with batching, hold a script call up to this long (microseconds) when the previous one came less "
         "than this long ago, so that calls close together share one write to Redis (less Redis and server "
         "CPU under load, up to this much latency); by default only while the replica is saturated "
@@ -407,7 +407,8 @@ def check_settings(settings: Settings) -> None:
         raise ValueError(
             f"--redis-pipeline-window-us {settings.redis_pipeline_window_us:g} must be below "
             f"--redis-timeout-ms {settings.redis_timeout_ms:g} (in microseconds, "
-            f"{settings.redis_timeout_ms * 1000:g}): a call held that long would time out unsent"
+            f"{settings.redis_timeout_ms * 1000:g}): a call held that long would time out unsent; "
+            "set a shorter window, or 0 for none"
         )
 
 

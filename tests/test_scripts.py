@@ -83,7 +83,7 @@ def test_bench_window_compares_the_windows_at_the_defaults_rates(tmp_path: Path)
     assert done.returncode == 0, done.stderr[-2000:]
     document = json.loads((tmp_path / "window.json").read_text())
     closed = {(row["variant"], row["scenario"]): row for row in document["closed_loop"]}
-    windows = ["window 500us", "window 1000us", "window 2000us", "window 3000us", "rate-gated 3ms"]
+    windows = ["window 500us", "window 1000us", "window 2000us", "window 3000us", "window 5000us", "rate-gated 3ms"]
     variants = ["batch+cache", "window off", *windows]
     assert sorted(closed) == sorted((variant, scenario) for variant in variants for scenario in ("1 desc", "4 desc"))
     assert all(row["errors"] == {} and row["requests_per_s"] > 0 for row in closed.values())

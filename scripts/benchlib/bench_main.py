@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument(
         "--window",
         action="store_true",
-        help="only the pipeline window's rows (about three and a half minutes): the defaults (3 ms, held while "
-        "saturated), the window off, --redis-pipeline-window-us 500/1000/2000/3000 held whenever calls come "
+        help="only the pipeline window's rows (about four minutes): the defaults (5 ms, held while "
+        "saturated), the window off, --redis-pipeline-window-us 500/1000/2000/3000/5000 held whenever calls come "
         "close, and 3000 with --redis-pipeline-min-rate 2000, 1 and 4 desc closed loop, and an open-loop "
         "sweep of each at the defaults' rates; writes window.json",
     )

@@ -11,7 +11,7 @@ from benchlib.procs import PROJECT_ROOT, python_command
 
 # The optimisation flags each row sets; a build without one of them skips the rows that need it.
 OPTIMISATION_FLAGS = ("redis-batching", "over-limit-cache", "workers", "event-loop")
-HEADLINE = "batch+cache"  # the defaults: a 3 ms pipeline window held only while the replica is saturated
+HEADLINE = "batch+cache"  # the defaults: a 5 ms pipeline window held only while the replica is saturated
 # HEADLINE's flags with the pipeline window off: what the window gives.
 WINDOW_OFF = "window off"
 # HEADLINE's flags with the window gated by a call rate instead (--redis-pipeline-min-rate 2000):
@@ -118,11 +118,11 @@ def tracing_plan(pre_tracing_revision: str | None) -> tuple[ServerSpec, ...]:
     return tuple(plan)
 
 
-WINDOWS_US = (500, 1000, 2000, 3000)  # scripts/bench --window, each held whenever calls come close
+WINDOWS_US = (500, 1000, 2000, 3000, 5000)  # scripts/bench --window, each held whenever calls come close
 
 
 def window_plan() -> tuple[ServerSpec, ...]:
-    """`scripts/bench --window`: HEADLINE (the saturation-gated 3 ms window), the window off, each
+    """`scripts/bench --window`: HEADLINE (the saturation-gated 5 ms window), the window off, each
     of WINDOWS_US ungated, and 3 ms gated by a call rate, 1 and 4 descriptors, each swept
     open-loop at HEADLINE's rates (latency at equal load)."""
     both = ("1 desc", "4 desc")
