@@ -14,8 +14,8 @@ OPTIMISATION_FLAGS = ("redis-batching", "over-limit-cache", "workers", "event-lo
 HEADLINE = "batch+cache"  # the defaults: a 5 ms pipeline window held only while the replica is saturated
 # HEADLINE's flags with the pipeline window off: what the window gives.
 WINDOW_OFF = "window off"
-# HEADLINE's flags with the window gated by a call rate instead (--redis-pipeline-min-rate 2000):
-# held only above 2,000 calls/s, the gate of the releases before the saturation gate.
+# HEADLINE's flags with a 3 ms window gated by a call rate instead of saturation
+# (--redis-pipeline-min-rate 2000, --redis-pipeline-min-busy 0): the gate that came first.
 RATE_GATED = "rate-gated 3ms"  # a name that is also a file name (the server log)
 WINDOW_US, RATE_GATE = 3000, 2000
 # The no-op ceiling once more at HEADLINE's half-peak rate, right after HEADLINE's own phase
