@@ -22,6 +22,7 @@ from ratelimit.limiter.pipeline_window import BUSY_RELEASE, RATE_INTERVAL_S, Pip
 from ratelimit.limiter.pipelined import Endpoint, PipelinedRedis
 from ratelimit.limiter.redis_backend import RedisBackend
 from ratelimit.limiter.types import CounterRequest, WindowSpec
+from tests.support.cpu import spin
 from tests.support.processes import RedisServer
 from tests.support.redis_topologies import SentinelTopology, running_sentinel_group
 from tests.support.replica import running_replica
@@ -279,12 +280,6 @@ def test_a_trickle_below_the_minimum_rate_is_never_held(redis_server: RedisServe
     assert max(gated) < window_s / 2  # below 100 calls/s: every call went at once
     held = run_client(endpoint, scenario, window=PipelineWindow(window_s))
     assert held[0] >= window_s * 0.9  # without the rate, the first call waited out the window
-
-
-def spin(seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pass
 
 
 def test_a_window_gated_on_saturation_holds_calls_while_the_loop_is_busy_and_never_while_it_waits(

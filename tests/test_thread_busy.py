@@ -9,14 +9,9 @@ import time
 from pathlib import Path
 
 from ratelimit.limiter.thread_busy import ThreadBusy, busy_ns
+from tests.support.cpu import spin
 
 SPAN_S = 0.3
-
-
-def spin(seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        pass
 
 
 def test_a_thread_that_computes_is_busy_and_one_that_sleeps_is_not() -> None:
