@@ -68,3 +68,20 @@ def test_waiting_for_a_cpu_counts_as_busy_though_the_thread_gets_a_fraction_of_o
             hog.wait()
     assert cpu_share < 0.6  # it did wait for the CPU
     assert busy > 0.9
+
+
+def test_a_schedstat_that_becomes_unreadable_gives_one_idle_span_not_a_mix_of_two_clocks(tmp_path: Path) -> None:
+    # Out of file descriptors, for instance: the next reading comes from the thread's CPU time,
+    # which counts from another origin. The span across the change reads 0 (no hold), never a
+    # difference of the two clocks (here it would be the CPU time since the process started).
+    fake = tmp_path / "schedstat"
+    fake.write_text("0 0 1\n")
+    meter = ThreadBusy(str(fake))
+    assert meter.share() == 0.0
+    fake.unlink()
+    spin(0.05)
+    assert meter.share() == 0.0
+    time.sleep(SPAN_S)
+    assert meter.share() < 0.1  # CPU time from here on
+    spin(SPAN_S)
+    assert meter.share() > 0.5
