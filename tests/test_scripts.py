@@ -73,18 +73,20 @@ def test_bench_help_names_its_options() -> None:
 
 
 def test_bench_window_compares_the_windows_at_the_defaults_rates(tmp_path: Path) -> None:
-    # The smallest run that still shows the promise: every window's row, fewer Redis reads per
-    # request with a window than without, and every sweep at the defaults' offered rates.
+    # The smallest run that still shows the promise: every window's row and the baseline
+    # revision's, fewer Redis reads per request with a window than without, and every sweep at
+    # the defaults' offered rates.
     done = subprocess.run(
         [str(PROJECT_ROOT / "scripts" / "bench"), "--window", "--quick", "--rounds", "1", "--duration", "0.5",
-         "--warmup", "0.1", "--load-processes", "1", "--concurrency", "8", "--out-dir", str(tmp_path)],
+         "--warmup", "0.1", "--load-processes", "1", "--concurrency", "8", "--baseline-rev", "HEAD",
+         "--out-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     document = json.loads((tmp_path / "window.json").read_text())
     closed = {(row["variant"], row["scenario"]): row for row in document["closed_loop"]}
     windows = ["window 500us", "window 1000us", "window 2000us", "window 3000us", "window 5000us", "rate-gated 3ms"]
-    variants = ["batch+cache", "window off", *windows]
+    variants = ["batch+cache", "window off", *windows, "at HEAD"]
     assert sorted(closed) == sorted((variant, scenario) for variant in variants for scenario in ("1 desc", "4 desc"))
     assert all(row["errors"] == {} and row["requests_per_s"] > 0 for row in closed.values())
     unwindowed_reads = closed["window off", "1 desc"]["redis_reads_per_request"]

@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument(
         "--baseline-rev",
-        help="git revision measured beside this tree in the same rounds: its server (1 and 4 desc) and its script "
-        "in the state table, for before/after figures",
+        help="git revision measured beside this tree in the same rounds: its server (1 and 4 desc; with --window, "
+        "swept open-loop too) and its script in the state table, for before/after figures",
     )
     parser.add_argument("--out-dir", type=Path, default=PROJECT_ROOT / "bench-results", help="default bench-results/")
     parser.add_argument("--load-processes", type=int, default=2, help="load generator processes (default 2)")
@@ -226,7 +226,7 @@ def window_main(options: Options) -> int:
         bench = Bench(options, redis_server.url, Path(work))
         try:
             bench.log(f"{os.cpu_count()} cores; load: {options.load_processes} processes x {options.concurrency}")
-            bench.start_servers(window_plan())
+            bench.start_servers(window_plan(options.baseline_rev))
             bench.closed_loop()
             bench.open_loop()
         finally:

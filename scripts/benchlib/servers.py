@@ -121,17 +121,31 @@ def tracing_plan(pre_tracing_revision: str | None) -> tuple[ServerSpec, ...]:
 WINDOWS_US = (500, 1000, 2000, 3000, 5000)  # scripts/bench --window, each held whenever calls come close
 
 
-def window_plan() -> tuple[ServerSpec, ...]:
+def window_plan(baseline_rev: str | None = None) -> tuple[ServerSpec, ...]:
     """`scripts/bench --window`: HEADLINE (the saturation-gated 5 ms window), the window off, each
-    of WINDOWS_US ungated, and 3 ms gated by a call rate, 1 and 4 descriptors, each swept
-    open-loop at HEADLINE's rates (latency at equal load)."""
+    of WINDOWS_US ungated, 3 ms gated by a call rate, and the server of `baseline_rev` with its
+    own defaults, 1 and 4 descriptors, each swept open-loop at HEADLINE's rates (latency at
+    equal load)."""
     both = ("1 desc", "4 desc")
-    return (
+    plan = [
         ServerSpec("project", HEADLINE, scenarios=both, quick_scenarios=both, sweep=True),
         windowed(WINDOW_OFF, 0),
         *(windowed(f"window {window_us}us", window_us) for window_us in WINDOWS_US),
         windowed(RATE_GATED, WINDOW_US, min_rate=RATE_GATE),
-    )
+    ]
+    if baseline_rev:
+        plan.append(
+            ServerSpec(
+                "project",
+                f"at {baseline_rev}",
+                revision=baseline_rev,
+                scenarios=both,
+                quick_scenarios=both,
+                sweep=True,
+                sweep_rates_of=HEADLINE,
+            )
+        )
+    return tuple(plan)
 
 
 def serve_flags() -> set[str]:
