@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -13,7 +14,6 @@ import grpc
 from ratelimit import __version__
 from ratelimit.client import parse_descriptor
 from ratelimit.config import ConfigError, InvalidConfig, check_config
-from ratelimit.limiter import idle_loop
 from ratelimit.settings import (
     HelpFormatter,
     Settings,
@@ -130,7 +130,7 @@ def _event_loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], Non
                 raise SystemExit("ratelimit: --event-loop uvloop, but uvloop is not installed") from None
         else:
             return uvloop.run
-    return idle_loop.run
+    return asyncio.run
 
 
 def run_validate(paths: Sequence[str], merge_domains: bool) -> int:

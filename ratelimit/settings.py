@@ -142,9 +142,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--reuse-port", False, "let other processes bind the same gRPC port (set for --workers)", _bool),
     Option(
         "--event-loop",
-        "asyncio",
-        "event loop: asyncio's, which sends a held Redis batch as soon as it goes idle; uvloop (auto: "
-        "uvloop when installed), where a held batch waits for the window's end",
+        "auto",
+        "asyncio event loop: uvloop when installed (auto), or asyncio",
         choices=("auto", "asyncio", "uvloop"),
     ),
     Option("--redis-ca-file", "", "CA bundle that signs Redis's certificate (rediss://)"),

@@ -17,7 +17,7 @@ import redis
 
 from ratelimit.client import AsyncRateLimitClient
 from ratelimit.config.model import Algorithm
-from ratelimit.limiter import BackendError, idle_loop
+from ratelimit.limiter import BackendError
 from ratelimit.limiter.pipeline_window import BUSY_RELEASE, RATE_INTERVAL_S, PipelineWindow
 from ratelimit.limiter.pipelined import Endpoint, PipelinedRedis
 from ratelimit.limiter.redis_backend import RedisBackend
@@ -43,30 +43,15 @@ async def calls_one_per_turn(client: PipelinedRedis, count: int, key: str) -> li
     return await asyncio.gather(*calls)
 
 
-# asyncio's own loop, where a held call waits for the window's end or its limit, and the loop
-# `serve` runs on by default, where it leaves too once the loop has nothing left to do.
-LOOPS = {"asyncio": asyncio.run, "idle-aware": idle_loop.run}
-
-
-def run_client(
-    endpoint: Endpoint,
-    scenario: Any,
-    *,
-    window: PipelineWindow | None,
-    timeout_s: float = 1.0,
-    loop: str = "asyncio",
-) -> Any:
-    result: list[Any] = []
-
-    async def main() -> None:
+def run_client(endpoint: Endpoint, scenario: Any, *, window: PipelineWindow | None, timeout_s: float = 1.0) -> Any:
+    async def main() -> Any:
         client = PipelinedRedis(endpoint, timeout_s=timeout_s, window=window)
         try:
-            result.append(await scenario(client))
+            return await scenario(client)
         finally:
             await client.close()
 
-    LOOPS[loop](main())
-    return result[0]
+    return asyncio.run(main())
 
 
 def test_calls_close_together_share_one_write_and_keep_their_order(redis_server: RedisServer, redis_url: str) -> None:
@@ -163,44 +148,6 @@ def test_a_held_call_fails_at_its_own_deadline_not_the_windows_end_plus_the_time
         admin.close()
     assert all(isinstance(outcome, BackendError) and outcome.kind == "timeout" for outcome in outcomes)
     assert 0.19 <= took_s < 0.3  # 0.2 s from the call; 0.35 s if the window's wait were not counted
-
-
-def test_on_the_idle_aware_loop_held_calls_leave_once_the_loop_has_nothing_left_to_do(
-    redis_server: RedisServer, redis_url: str
-) -> None:
-    """A 1 s window: calls one per loop turn, then calls a few milliseconds of computing apart
-    (the loop busy all along), each batch held until the loop goes idle, far short of the window,
-    in one write; on asyncio's own loop, until the window's end."""
-
-    async def burst(client: PipelinedRedis, computing_s: float) -> tuple[int, float]:
-        before, started, calls = client.round_trips, time.monotonic(), []
-        for _ in range(CALLS):
-            calls.append(asyncio.ensure_future(client.execute("INCR", "idle-flushed")))
-            spin(computing_s)
-            await asyncio.sleep(0)
-        await asyncio.gather(*calls)
-        return client.round_trips - before, time.monotonic() - started
-
-    def bursts(*computing: float) -> Any:
-        async def scenario(client: PipelinedRedis) -> list[tuple[int, float]]:
-            results = []
-            for computing_s in computing:
-                await client.execute("PING")
-                await asyncio.sleep(1.1)  # a quiet spell: the burst's first call goes at once
-                results.append(await burst(client, computing_s))
-            return results
-
-        return scenario
-
-    endpoint = Endpoint(port=redis_server.port)
-    window = PipelineWindow(1.0)
-    (turns_writes, turns_s), (busy_writes, busy_s) = run_client(
-        endpoint, bursts(0.0, 0.002), window=window, loop="idle-aware", timeout_s=3.0
-    )
-    assert turns_writes == 2 and turns_s < 0.3  # the first alone, the 19 held as the loop went idle
-    assert busy_writes == 2 and CALLS * 0.002 <= busy_s < 0.5  # the loop busy for 40 ms: one batch
-    [(plain_writes, plain_s)] = run_client(endpoint, bursts(0.0), window=window, loop="asyncio", timeout_s=3.0)
-    assert plain_writes == 2 and plain_s >= 0.9  # the window's end alone sent them
 
 
 def test_the_rules_hold_a_call_within_a_window_of_the_previous_one_and_fill_at_the_limit() -> None:
@@ -335,15 +282,13 @@ def test_a_trickle_below_the_minimum_rate_is_never_held(redis_server: RedisServe
     assert held[0] >= window_s * 0.9  # without the rate, the first call waited out the window
 
 
-@pytest.mark.parametrize("loop", LOOPS)
 def test_a_window_gated_on_saturation_holds_calls_while_the_loop_is_busy_and_never_while_it_waits(
-    loop: str, redis_server: RedisServer, redis_url: str
+    redis_server: RedisServer, redis_url: str
 ) -> None:
     """The default gate, with the real meter of the loop thread: calls a millisecond apart, each
     within the 3 ms window, go alone while the loop waits for them; once the loop spends its time
-    computing (as a saturated replica's does), they share writes (on the idle-aware loop too: a
-    loop that never idles holds them for the whole window); when it waits again, they go alone
-    again."""
+    computing (as a saturated replica's does), they share writes; when it waits again, they go
+    alone again."""
 
     async def phase(client: PipelinedRedis, seconds: float, busy: bool) -> tuple[int, int]:
         before, calls = client.round_trips, []
@@ -368,7 +313,7 @@ def test_a_window_gated_on_saturation_holds_calls_while_the_loop_is_busy_and_nev
         return [waiting, saturated, waiting_again]
 
     window = PipelineWindow(0.003, min_busy=0.85)
-    phases = run_client(Endpoint(port=redis_server.port), scenario, window=window, loop=loop)
+    phases = run_client(Endpoint(port=redis_server.port), scenario, window=window)
     (calls, writes), (busy_calls, busy_writes), (later_calls, later_writes) = phases
     assert calls > 100 and writes >= calls * 0.9, phases  # never held (a write can only wait for two in flight)
     assert busy_calls > 100 and busy_writes <= busy_calls / 3, phases  # held: about 6 calls per 3 ms
@@ -491,47 +436,6 @@ def test_the_limit_sends_held_decisions_long_before_the_window_ends(
     if limit == 5:
         assert round_trips == 2  # the first alone, the five together
     assert took_s < 1.0  # not the 2 s window
-
-
-@pytest.mark.parametrize("loop", ["idle-aware", "asyncio"])
-@pytest.mark.parametrize("store", ["one server", "sentinel"])
-def test_held_decisions_leave_when_the_loop_goes_idle_on_either_store(
-    store: str, loop: str, redis_url: str, request: pytest.FixtureRequest
-) -> None:
-    if store == "sentinel":
-        group: SentinelTopology = request.getfixturevalue("sentinel_group")
-        url = group.url
-        group.current_primary().client().flushall()
-    else:
-        url = redis_url
-    window_s = 0.5
-    window = WindowSpec.for_rule(Algorithm.SLIDING_WINDOW, 60)
-    outcome: list[tuple[int, int, float]] = []
-
-    async def scenario() -> None:
-        backend = RedisBackend(url, timeout_s=3.0, pipeline_window=PipelineWindow(window_s))
-        try:
-            await backend.prepare()
-            await asyncio.sleep(window_s * 1.2)  # a quiet spell: the next call goes at once
-            before, started = backend.round_trips, time.monotonic()
-            calls = []
-            for _ in range(1 + 5):
-                request = CounterRequest(key=f"idle-{store}-{loop}", limit=1000, window=window, hits=1)
-                calls.append(asyncio.ensure_future(backend.evaluate([request])))
-                await asyncio.sleep(0)
-            decisions = await asyncio.gather(*calls)
-            took_s = time.monotonic() - started
-            outcome.append((max(d.results[0].used for d in decisions), backend.round_trips - before, took_s))
-        finally:
-            await backend.close()
-
-    LOOPS[loop](scenario())
-    [(most_used, round_trips, took_s)] = outcome
-    assert most_used == 6 and round_trips == 2  # the first alone, the five held together
-    if loop == "idle-aware":
-        assert took_s < window_s / 2  # they left as the loop went idle
-    else:
-        assert took_s >= window_s * 0.9  # they waited for the window's end
 
 
 def test_a_flood_held_by_a_window_leaves_in_few_writes_each_counted_once(

@@ -31,7 +31,6 @@ from typing import Any, Callable, Iterable, cast
 
 import hiredis
 
-from ratelimit.limiter.idle_loop import IdleFlush
 from ratelimit.limiter.pipeline_window import PipelineWindow
 from ratelimit.limiter.types import BackendError
 
@@ -155,8 +154,7 @@ class PipelinedRedis:
     the end of the loop turn or when a write is answered, whichever allows it first (so
     batches grow with the load, and a light load pays no wait); without, one write each.
     With a `window` (batching only), a call that the window holds queues too, and the queue
-    leaves when the window ends or fills, or when the loop goes idle (`idle_loop`); a write
-    answered meanwhile does not end it.
+    leaves when the window ends or fills; a write answered meanwhile does not end it.
     The bound also limits what a frozen Redis can be handed: queued commands whose callers
     gave up are never sent, so they can never be carried out later without an answer.
     """
@@ -184,7 +182,6 @@ class PipelinedRedis:
         self._flush_scheduled = False
         self._window = window if batching and window is not None and window.enabled else None
         self._window_end: asyncio.TimerHandle | None = None  # set while a window holds the queue
-        self._idle_end = IdleFlush(self._end_open_window)
         self.round_trips = 0  # writes of commands (one per batch)
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
@@ -214,7 +211,6 @@ class PipelinedRedis:
                 self._end_window()
             elif self._window_end is None:
                 self._window_end = loop.call_later(self._window.window_s, self._end_window)
-                self._idle_end.arm(loop)
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -227,10 +223,6 @@ class PipelinedRedis:
     def _end_window(self) -> None:
         self._close_window()
         self._flush()
-
-    def _end_open_window(self) -> None:
-        if self._window_end is not None:
-            self._end_window()
 
     def _close_window(self) -> None:
         if self._window_end is not None:

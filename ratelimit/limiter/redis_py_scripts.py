@@ -2,10 +2,10 @@
 
 redis-py follows MOVED/ASK and slot migrations on a cluster and asks the sentinels for the
 primary after a failover. With batching on (Sentinel), the EVALSHAs of all requests that
-arrive in one event-loop turn (or, with a pipeline window, within the window or until the loop
-goes idle) go out in one pipeline, each still its own atomic script call; redis-py refuses
-script calls in cluster pipelines, so on a cluster each request is its own EVALSHA to the node
-of its slot. redis-py's exceptions are translated here, once.
+arrive in one event-loop turn (or, with a pipeline window, within the window) go out in one
+pipeline, each still its own atomic script call; redis-py refuses script calls in cluster
+pipelines, so on a cluster each request is its own EVALSHA to the node of its slot. redis-py's
+exceptions are translated here, once.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any, Awaitable, Mapping
 from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 
-from ratelimit.limiter.idle_loop import IdleFlush
 from ratelimit.limiter.pipeline_window import PipelineWindow
 from ratelimit.limiter.redis_connect import RedisTarget, make_client
 from ratelimit.limiter.script import SCRIPT_SHA, SCRIPT_SOURCE, with_script_loaded
@@ -47,7 +46,6 @@ class RedisPyScripts:
         self._flush_scheduled = False
         self._window = window if window is not None and window.enabled else None
         self._window_end: asyncio.TimerHandle | None = None  # set while a window holds the queue
-        self._idle_end = IdleFlush(self._end_window)  # a no-op once the window has ended
         self.round_trips = 0  # script calls sent: pipelines, or single EVALSHAs
 
     async def run(self, keys: list[str], args: list[bytes]) -> Any:
@@ -67,7 +65,6 @@ class RedisPyScripts:
             elif self._window_end is None and not self._flush_scheduled:
                 self._flush_scheduled = True  # by the window's end, not this loop turn's
                 self._window_end = loop.call_later(window.window_s, self._end_window)
-                self._idle_end.arm(loop)
         self._schedule_flush()
         return await future
 
