@@ -142,8 +142,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("--reuse-port", False, "let other processes bind the same gRPC port (set for --workers)", _bool),
     Option(
         "--event-loop",
-        "auto",
-        "asyncio event loop: uvloop when installed (auto), or asyncio",
+        "asyncio",
+        "event loop: asyncio (the one the bench and the pipeline window's gate are measured on), uvloop, "
+        "or auto (uvloop when installed)",
         choices=("auto", "asyncio", "uvloop"),
     ),
     Option("--redis-ca-file", "", "CA bundle that signs Redis's certificate (rediss://)"),
