@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from typing import Iterator, Mapping, Sequence
 
 import pytest
 
+from ratelimit.cli import _event_loop_runner
 from ratelimit.client import RateLimitClient
 from ratelimit.settings import OPTIONS, env_name, settings_from_environment
 from tests.support.processes import free_port
@@ -250,3 +252,15 @@ def test_an_unknown_redis_url_scheme_lists_every_scheme_there_is() -> None:
         "ratelimit: unsupported Redis URL scheme 'http': use redis:// or rediss:// (TLS) or unix:// for one server, "
         "redis+cluster:// (rediss+cluster://) for a Redis Cluster, redis+sentinel:// (rediss+sentinel://) for Sentinel"
     ]
+
+
+def test_serve_runs_on_asyncios_own_event_loop_unless_told_otherwise() -> None:
+    # The bench's project rows and the pipeline window's saturation gate are measured on it.
+    loops: list[str] = []
+
+    async def main() -> None:
+        loops.append(type(asyncio.get_running_loop()).__module__)
+
+    for choice in (settings_from_environment({}).event_loop, "uvloop"):
+        _event_loop_runner(choice)(main())
+    assert loops[0].startswith("asyncio") and loops[1].startswith("uvloop"), loops
