@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import random
 import shutil
@@ -150,11 +151,28 @@ class SentinelTopology:
         hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.sentinels)
         return f"redis+sentinel://{hosts}/{self.primary_name}"
 
-    def current_primary(self) -> Node:
-        _host, port = (
-            self.sentinels[0].client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.primary_name)
-        )
-        return next(node for node in self.data_nodes if node.port == int(port))
+    def current_primary(self, timeout_s: float = 15.0) -> Node:
+        """The data node a majority of the sentinels name as primary, once it is running. Right
+        after a failover, a sentinel that did not lead it can name the old primary for seconds
+        more, until hello messages on the new primary reach it; asking one sentinel alone then
+        returns a node that was killed."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            named = collections.Counter(self._named_primary_port(sentinel) for sentinel in self.sentinels)
+            port, votes = named.most_common(1)[0]
+            node = next((node for node in self.data_nodes if node.port == port), None)
+            if node is not None and votes > len(self.sentinels) // 2 and node.process.poll() is None:
+                return node
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no running primary named by a majority of the sentinels: {dict(named)}")
+            time.sleep(0.1)
+
+    def _named_primary_port(self, sentinel: Node) -> int | None:
+        try:
+            _host, port = sentinel.client().execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.primary_name)
+        except (redis.RedisError, TypeError, ValueError):  # down, or no answer for the name yet
+            return None
+        return int(port)
 
 
 @contextlib.contextmanager
