@@ -61,3 +61,16 @@ def test_a_ceiling_row_at_another_rate_is_not_named_as_the_reference(report: Any
     (target,) = p99_lines(report, sweep)
     assert target.passed
     assert target.detail == "p99 4.00 ms at 1,500 req/s offered (open loop)"
+
+
+def test_the_baseline_revision_is_swept_at_the_defaults_rates_only_in_the_window_plan() -> None:
+    # --baseline-rev: the full plan gets the revision's closed-loop rows; --window also sweeps it
+    # open-loop at the defaults' rates, so its p99 is read at the same offered load.
+    servers, bench_main = scripts_module("benchlib.servers"), scripts_module("benchlib.bench_main")
+    full = bench_main.with_baseline(servers.PLAN, "abc123")
+    window = servers.window_plan("abc123")
+    assert full[:-1] == servers.PLAN and window[:-1] == servers.window_plan()
+    for spec, swept in ((full[-1], False), (window[-1], True)):
+        assert (spec.name, spec.revision, spec.scenarios) == ("project at abc123", "abc123", ("1 desc", "4 desc"))
+        assert (spec.sweep, spec.sweep_rates_of) == ((True, servers.HEADLINE) if swept else (False, None))
+    assert bench_main.with_baseline(servers.PLAN, None) == servers.PLAN

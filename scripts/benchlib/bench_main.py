@@ -32,6 +32,7 @@ from benchlib.servers import (
     TRACING_ON,
     WINDOW_OFF,
     ServerSpec,
+    baseline,
     tracing_plan,
     window_plan,
 )
@@ -196,11 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def with_baseline(plan: tuple[ServerSpec, ...], revision: str | None) -> tuple[ServerSpec, ...]:
-    """The plan, plus the server of `revision` with the headline's flags (--baseline-rev)."""
-    if not revision:
-        return plan
-    both = ("1 desc", "4 desc")
-    return (*plan, ServerSpec("project", f"at {revision}", revision=revision, scenarios=both, quick_scenarios=both))
+    """The plan, plus the server of `revision` (--baseline-rev)."""
+    return (*plan, baseline(revision)) if revision else plan
 
 
 def state_main(options: Options) -> int:

@@ -134,18 +134,23 @@ def window_plan(baseline_rev: str | None = None) -> tuple[ServerSpec, ...]:
         windowed(RATE_GATED, WINDOW_US, min_rate=RATE_GATE),
     ]
     if baseline_rev:
-        plan.append(
-            ServerSpec(
-                "project",
-                f"at {baseline_rev}",
-                revision=baseline_rev,
-                scenarios=both,
-                quick_scenarios=both,
-                sweep=True,
-                sweep_rates_of=HEADLINE,
-            )
-        )
+        plan.append(baseline(baseline_rev, swept=True))
     return tuple(plan)
+
+
+def baseline(revision: str, *, swept: bool = False) -> ServerSpec:
+    """The server of `revision` with its own defaults (--baseline-rev), 1 and 4 descriptors;
+    `swept`: also swept open-loop at HEADLINE's rates."""
+    both = ("1 desc", "4 desc")
+    return ServerSpec(
+        "project",
+        f"at {revision}",
+        revision=revision,
+        scenarios=both,
+        quick_scenarios=both,
+        sweep=swept,
+        sweep_rates_of=HEADLINE if swept else None,
+    )
 
 
 def serve_flags() -> set[str]:

